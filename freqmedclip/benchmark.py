@@ -1,0 +1,144 @@
+"""Inference benchmark: pyramid shapes, parameter counts, per-stage and end-to-end latency, peak memory.
+
+    python -m freqmedclip.benchmark --preset {mini,full} --device {cpu,cuda} --dtype {fp32,bf16} --json PATH
+
+The backbone has random weights (latency does not depend on weight values, and the full BiomedCLIP cannot be
+downloaded everywhere). Timings are medians after warm-up (oneDNN builds its bf16 kernels on the first calls).
+End-to-end latency uses cached text features, as the Predictor does for a repeated prompt; the text stage is
+timed uncached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import FreqMedCLIPConfig
+from .model import build_model, parameter_report
+from .predictor import autocast
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+@torch.inference_mode()
+def run(preset: str, device_str: str, dtype: str, warmup: int = 5, repeats: int = 20) -> dict:
+    device = torch.device(device_str)
+    config = FreqMedCLIPConfig.from_preset(preset, frequency_weights="none")
+    model = build_model(config, random_backbone=True, device=device).eval()
+    prompt = ["enhancing tumour in the left hemisphere"]
+    image1 = torch.rand(1, 3, config.image_size, config.image_size, device=device)
+    image8 = torch.rand(8, 3, config.image_size, config.image_size, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    with autocast(device, dtype):
+        text = model.text(prompt)
+        x = (image1 - model.pixel_mean) / model.pixel_std
+        s1, s2, s3, s4 = model.semantic(x, text)
+        f_stem, f1, f2, f3 = model.frequency(x)
+        condition = text.pooled
+        d_s, d_f, _, _ = model.fusion(s1, f3, condition)
+        l_s = model.semantic_decoder(d_s, (s2, s3, s4), condition)
+        l_f = model.frequency_decoder(d_f, (f2, f1, f_stem), condition)
+        branches = torch.cat([l_s, l_f], 1)
+
+        def text_uncached() -> None:
+            model.text._cache.clear()
+            model.text(prompt)
+
+        stages = {
+            "text": text_uncached,
+            "semantic": lambda: model.semantic(x, text),
+            "frequency": lambda: model.frequency(x),
+            "ffbi": lambda: model.fusion(s1, f3, condition),
+            "decoders": lambda: (model.semantic_decoder(d_s, (s2, s3, s4), condition),
+                                 model.frequency_decoder(d_f, (f2, f1, f_stem), condition)),
+            "head": lambda: model.head(branches),
+        }
+        latency = {name: median_ms(fn, device, warmup, repeats) for name, fn in stages.items()}
+        model.text(prompt)
+        latency["end_to_end_bs1"] = median_ms(lambda: model(image1, prompt), device, warmup, repeats)
+        latency["end_to_end_bs8"] = median_ms(lambda: model(image8, prompt * 8), device, 2, max(3, repeats // 4)) / 8
+
+    shapes = {name: list(t.shape[1:]) for name, t in
+              dict(s1=s1, s2=s2, s3=s3, s4=s4, f_stem=f_stem, f1=f1, f2=f2, f3=f3).items()}
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        memory_kind = "CUDA max_memory_allocated"
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        memory_kind = "process peak RSS"
+    return {
+        "preset": preset,
+        "device": device_name(device),
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "shapes": shapes,
+        "params": parameter_report(model),
+        "latency_ms": {k: round(v, 2) for k, v in latency.items()},
+        "peak_memory_mb": round(peak_mb, 1),
+        "peak_memory_kind": memory_kind,
+    }
+
+
+def format_report(result: dict) -> str:
+    lines = [f"FreqMedCLIP-{result['preset']} on {result['device']} ({result['dtype']}, torch {result['torch']})",
+             "shapes [C, H, W]:"]
+    lines += [f"  {name:7s} {shape}" for name, shape in result["shapes"].items()]
+    lines.append("parameters:            total   trainable      frozen")
+    lines += [f"  {r['module']:28s} {r['total']:>11,} {r['trainable']:>11,} {r['frozen']:>11,}" for r in result["params"]]
+    lines.append("latency (ms, median; end_to_end per image):")
+    lines += [f"  {name:16s} {value:9.2f}" for name, value in result["latency_ms"].items()]
+    lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MB ({result['peak_memory_kind']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=("mini", "full"), default="mini")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    result = run(args.preset, args.device, args.dtype, args.warmup, args.repeats)
+    print(format_report(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

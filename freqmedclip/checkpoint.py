@@ -1,0 +1,157 @@
+"""Checkpoints: safetensors weights + a JSON config, nothing pickled.
+
+A checkpoint directory holds::
+
+    model.safetensors   the trainable weights only (the frozen CLIP backbone is never copied)
+    config.json         {"format", "config", "backbone": {"source", "sha256"}, "frequency_init",
+                         "code_version", "metadata": {training args, metrics, command, ...}}
+
+Loading rebuilds the model from ``config.json`` alone and checks that the CLIP backbone found on this
+machine is the one the checkpoint was trained on (SHA-256 of its weights file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .backbone import LOCAL_PREFIX, ClipBackbone, load_clip_backbone
+from .config import FreqMedCLIPConfig
+from .model import FreqMedCLIP, build_model
+
+FORMAT = "freqmedclip-checkpoint-v1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class BackboneMismatchError(RuntimeError):
+    """The CLIP backbone on this machine is not the one a checkpoint was trained with."""
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the source tree, when there is one."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(temp_path)``, then move the temp file onto ``path`` (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def save_checkpoint(directory: str | Path, model: FreqMedCLIP, metadata: dict[str, Any] | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write ``model``'s trainable weights and config to ``directory`` (weights first, config last).
+
+    Args:
+        dtype: store floating-point weights in this dtype (e.g. torch.float16 for shipped checkpoints).
+    """
+    directory = Path(directory)
+    state = {}
+    for name, tensor in model.trainable_state_dict().items():
+        tensor = tensor.detach().cpu()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor.contiguous()
+    header = {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "backbone": {"source": model.backbone_source, "sha256": model.backbone_sha256},
+        "frequency_init": getattr(model, "frequency_init", "unknown"),
+        "code_version": code_version(),
+        "metadata": metadata or {},
+    }
+    atomic_write(directory / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
+    atomic_write(directory / CONFIG, lambda tmp: tmp.write_text(json.dumps(header, indent=2, default=str)))
+    return directory
+
+
+def read_checkpoint_header(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not a FreqMedCLIP checkpoint (no {CONFIG})")
+    header = json.loads(path.read_text())
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown checkpoint format {header.get('format')!r} (expected {FORMAT})")
+    return header
+
+
+def resolve_source(source: str) -> str:
+    """Make a relative ``local-dir:`` usable from any working directory (relative to the repository)."""
+    if source.startswith(LOCAL_PREFIX):
+        path = Path(source[len(LOCAL_PREFIX):])
+        if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+            return LOCAL_PREFIX + str(REPO_ROOT / path)
+    return source
+
+
+def load_checkpoint(directory: str | Path, backbone: ClipBackbone | None = None, device: str | torch.device = "cpu",
+                    allow_backbone_mismatch: bool = False) -> FreqMedCLIP:
+    """Rebuild a model from a checkpoint directory; no other flags needed.
+
+    Args:
+        backbone: an already loaded backbone to share (ensembles, or a backbone at another location);
+            by default the one named in the checkpoint is loaded.
+        allow_backbone_mismatch: warn instead of raising when the backbone's weights differ.
+    Raises:
+        BackboneMismatchError: the backbone's SHA-256 differs from the one recorded at training time.
+    """
+    directory = Path(directory)
+    header = read_checkpoint_header(directory)
+    config = FreqMedCLIPConfig.from_dict(header["config"])
+    expected = header["backbone"]
+    if backbone is None:
+        if expected["source"].startswith("random:"):
+            raise BackboneMismatchError(
+                f"{directory} was trained on a randomly initialised backbone; pass that backbone explicitly")
+        backbone = load_clip_backbone(resolve_source(expected["source"]))
+    if backbone.weights_sha256 != expected["sha256"]:
+        message = (f"{directory} was trained with backbone {expected['source']} (sha256 {expected['sha256'][:12]}), "
+                   f"but the loaded backbone {backbone.source} has sha256 {backbone.weights_sha256[:12]}")
+        if not allow_backbone_mismatch:
+            raise BackboneMismatchError(message + "; pass allow_backbone_mismatch=True to use it anyway")
+        warnings.warn(message, stacklevel=2)
+    model = build_model(config, backbone, load_frequency_weights=False)
+    model.frequency_init = header.get("frequency_init", "unknown")
+    state = load_file(str(directory / WEIGHTS))
+    reference = model.trainable_state_dict()
+    missing = sorted(set(reference) - set(state))
+    unexpected = sorted(set(state) - set(reference))
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS} does not match its config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    state = {k: v.to(reference[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False)
+    model.checkpoint_header = header
+    return model.to(device).eval()
+
+
+def load_ensemble(directories: Sequence[str | Path], backbone: ClipBackbone | None = None,
+                  device: str | torch.device = "cpu") -> list[FreqMedCLIP]:
+    """Load several checkpoints sharing one backbone (loaded once)."""
+    models = []
+    for directory in directories:
+        models.append(load_checkpoint(directory, backbone, device))
+        backbone = models[-1].clip_backbone
+    return models
