@@ -80,6 +80,11 @@ class FreqMedCLIPConfig:
                 raise ValueError(f"config.{name}={getattr(self, name)!r}; expected one of {allowed}")
         if len(self.semantic_layers) != 4:
             raise ValueError(f"semantic_layers needs 4 block indices, got {self.semantic_layers}")
+        if self.semantic_layers[0] < 1 or list(self.semantic_layers) != sorted(set(self.semantic_layers)):
+            # SemanticEncoder runs the blocks before semantic_layers[0] without adapters: any other order
+            # (e.g. the paper's deep-to-shallow {12, 9, 6, 3}) would silently skip adapters.
+            raise ValueError(f"semantic_layers must be 1-based and strictly increasing (shallow to deep), "
+                             f"got {self.semantic_layers}")
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
 

@@ -26,7 +26,9 @@ class FiLM(nn.Module):
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, x: Tensor, condition: Tensor) -> Tensor:
+    def forward(self, x: Tensor, condition: Tensor | None) -> Tensor:
+        if condition is None:  # LFFI switched off at inference
+            return x
         gamma, beta = self.mlp(condition).to(x.dtype)[:, :, None, None].chunk(2, dim=1)   # (B, C, 1, 1) each
         return x * (1 + gamma) + beta
 
@@ -41,7 +43,7 @@ class DecoderStage(nn.Module):
                                    conv_norm_act(out_channels, out_channels))
         self.film = FiLM(text_dim, out_channels, film_hidden) if text_dim else None
 
-    def forward(self, x: Tensor, skip: Tensor, condition: Tensor) -> Tensor:
+    def forward(self, x: Tensor, skip: Tensor, condition: Tensor | None) -> Tensor:
         y = self.block(torch.cat([x, skip], dim=1))
         if self.film is not None:
             y = self.film(y, condition)
@@ -66,7 +68,7 @@ class Decoder(nn.Module):
             DecoderStage(widths[i], skip_channels[i], widths[i + 1], text_dim, film_hidden) for i in range(3))
         self.head = nn.Conv2d(channels[-1], 1, 1)                                          # Head_s / Head_f
 
-    def forward(self, x: Tensor, skips: tuple[Tensor, Tensor, Tensor], condition: Tensor) -> Tensor:
+    def forward(self, x: Tensor, skips: tuple[Tensor, Tensor, Tensor], condition: Tensor | None) -> Tensor:
         for stage, skip in zip(self.stages, skips):
             x = stage(x, skip, condition)                                                   # 28 -> 56 -> 112 -> 224
         return self.head(x)                                                                 # (B, 1, 224, 224)

@@ -35,7 +35,9 @@ class TextGate(nn.Module):
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, tokens: Tensor, condition: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, condition: Tensor | None) -> Tensor:
+        if condition is None:  # text conditioning switched off at inference
+            return tokens
         gamma, beta = self.mlp(condition).to(tokens.dtype)[:, None].chunk(2, dim=-1)    # (B, 1, d)
         return tokens * (1 + gamma) + beta
 
@@ -64,14 +66,18 @@ class CrossStreamFusion(nn.Module):
         self.frequency_reads_semantic = nn.MultiheadAttention(width, heads, batch_first=True)
         self.gate = TextGate(text_dim, width, width) if text_dim else None
 
-    def forward(self, s1: Tensor, f3: Tensor, condition: Tensor, return_attention: bool = False) -> BottleneckOutput:
+    def forward(self, s1: Tensor, f3: Tensor, condition: Tensor | None, return_attention: bool = False,
+                exchange: bool = True) -> BottleneckOutput:
+        """exchange=False skips the cross-attention (inference-time "FFBI off"); condition=None skips the gate."""
         size = s1.shape[-2:]
         z_s = self.project_semantic(flat(s1))                                        # (B, 196, d)  Eq. 10
         z_f = self.project_frequency(flat(f3))                                       # (B, 196, d)
-        n_s, n_f = self.norm_semantic(z_s), self.norm_frequency(z_f)
-        read_f, attention_s = self.semantic_reads_frequency(n_s, n_f, n_f, need_weights=return_attention)
-        read_s, attention_f = self.frequency_reads_semantic(n_f, n_s, n_s, need_weights=return_attention)
-        z_s, z_f = z_s + read_f, z_f + read_s                                        # Eq. 11
+        attention_s = attention_f = None
+        if exchange:
+            n_s, n_f = self.norm_semantic(z_s), self.norm_frequency(z_f)
+            read_f, attention_s = self.semantic_reads_frequency(n_s, n_f, n_f, need_weights=return_attention)
+            read_s, attention_f = self.frequency_reads_semantic(n_f, n_s, n_s, need_weights=return_attention)
+            z_s, z_f = z_s + read_f, z_f + read_s                                    # Eq. 11
         if self.gate is not None:
             z_s, z_f = self.gate(z_s, condition), self.gate(z_f, condition)          # Eq. 12
         d_s = upsample(unflat(z_s, size))                                            # (B, d, 28, 28) Eq. 13
@@ -90,10 +96,12 @@ class ConcatFusion(nn.Module):
         self.mix_frequency = nn.Linear(2 * width, width)
         self.gate = TextGate(text_dim, width, width) if text_dim else None
 
-    def forward(self, s1: Tensor, f3: Tensor, condition: Tensor, return_attention: bool = False) -> BottleneckOutput:
+    def forward(self, s1: Tensor, f3: Tensor, condition: Tensor | None, return_attention: bool = False,
+                exchange: bool = True) -> BottleneckOutput:
         size = s1.shape[-2:]
         z_s, z_f = self.project_semantic(flat(s1)), self.project_frequency(flat(f3))
-        z_s, z_f = self.mix_semantic(torch.cat([z_s, z_f], -1)), self.mix_frequency(torch.cat([z_f, z_s], -1))
+        if exchange:
+            z_s, z_f = self.mix_semantic(torch.cat([z_s, z_f], -1)), self.mix_frequency(torch.cat([z_f, z_s], -1))
         if self.gate is not None:
             z_s, z_f = self.gate(z_s, condition), self.gate(z_f, condition)
         return BottleneckOutput(upsample(unflat(z_s, size)), upsample(unflat(z_f, size)), None, None)
@@ -107,7 +115,7 @@ class SingleStreamBottleneck(nn.Module):
         self.project = nn.Linear(channels, width)
         self.gate = TextGate(text_dim, width, width) if text_dim else None
 
-    def forward(self, features: Tensor, condition: Tensor) -> Tensor:
+    def forward(self, features: Tensor, condition: Tensor | None) -> Tensor:
         z = self.project(flat(features))
         if self.gate is not None:
             z = self.gate(z, condition)

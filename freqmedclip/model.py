@@ -31,6 +31,22 @@ class SegOutput(NamedTuple):
     frequency_attention: Tensor | None = None   # (B, 196, 196) FFBI, frequency queries -> semantic keys
 
 
+class Switches(NamedTuple):
+    """Inference-time component switches (the demo's ablation toggles); training always uses all on.
+
+    frequency=False zeroes the frequency features and, with two decoders, returns the semantic branch alone;
+    ffbi=False skips the bottleneck exchange (each stream keeps its own tokens); film=False skips every FiLM
+    and the FFBI text gate (the adapters inside the ViT still read the prompt).
+    """
+
+    frequency: bool = True
+    ffbi: bool = True
+    film: bool = True
+
+
+ALL_ON = Switches()
+
+
 class FreqMedCLIP(nn.Module):
     """Text-guided dual-stream segmentation model.
 
@@ -104,18 +120,27 @@ class FreqMedCLIP(nn.Module):
     def encode_text(self, prompts: Sequence[str] | TextFeatures) -> TextFeatures:
         return prompts if isinstance(prompts, TextFeatures) else self.text(prompts)
 
-    def forward(self, image: Tensor, prompts: Sequence[str] | TextFeatures, return_attention: bool = False) -> SegOutput:
+    def forward(self, image: Tensor, prompts: Sequence[str] | TextFeatures, return_attention: bool = False,
+                switches: Switches = ALL_ON) -> SegOutput:
         """image: (B, 3, H, W) in [0, 1], H = W = config.image_size; prompts: B strings (or encoded)."""
         text = self.encode_text(prompts)                                            # T (B, L, d_t), t-bar (B, d_t)
         if len(text.pooled) != len(image):
             raise ValueError(f"got {len(image)} images but {len(text.pooled)} prompts")
         condition = text.pooled if self.config.text_condition == "pooled" else text.embedding
+        if not switches.film:
+            condition = None
         x = (image - self.pixel_mean) / self.pixel_std                                # (B, 3, 224, 224)
         if self.semantic is not None:
             s1, s2, s3, s4 = self.semantic(x, text)                                   # 14, 28, 56, 112   Eq. 4-7
             s1 = self.semantic_tap(s1)
         if self.frequency is not None:
-            f_stem, f1, f2, f3 = self.frequency(x)                                    # 112, 56, 28, 14   Eq. 8-9
+            # One image expanded over several prompts (Predictor.predict_tensor): the frequency stream does not
+            # read the prompt, so it runs once and the batch shares its features.
+            shared = len(image) > 1 and image.stride(0) == 0
+            features = self.frequency(x[:1] if shared else x)                         # 112, 56, 28, 14   Eq. 8-9
+            f_stem, f1, f2, f3 = (f.expand(len(image), -1, -1, -1) for f in features) if shared else features
+            if not switches.frequency:
+                f_stem, f1, f2, f3 = (torch.zeros_like(f) for f in (f_stem, f1, f2, f3))
             f3 = self.frequency_tap(f3)
 
         if self.config.streams != "both":
@@ -125,7 +150,8 @@ class FreqMedCLIP(nn.Module):
             logits = self.frequency_decoder(self.fusion(f3, condition), (f2, f1, f_stem), condition)
             return SegOutput(logits, None, logits)
 
-        d_s, d_f, attention_s, attention_f = self.fusion(s1, f3, condition, return_attention)   # Eq. 10-13
+        exchange = switches.ffbi and switches.frequency
+        d_s, d_f, attention_s, attention_f = self.fusion(s1, f3, condition, return_attention, exchange)  # Eq. 10-13
         if not self.config.dual_decoder:
             skips = (torch.cat([s2, f2], 1), torch.cat([s3, f1], 1), torch.cat([s4, f_stem], 1))
             logits = self.semantic_decoder(torch.cat([d_s, d_f], 1), skips, condition)
@@ -133,6 +159,8 @@ class FreqMedCLIP(nn.Module):
         semantic_logits = self.semantic_decoder(d_s, (s2, s3, s4), condition)          # L_s  Eq. 16
         frequency_logits = self.frequency_decoder(d_f, (f2, f1, f_stem), condition)    # L_f  Eq. 17
         logits = self.head(torch.cat([semantic_logits, frequency_logits], 1))          # L    Eq. 18
+        if not switches.frequency:
+            logits = semantic_logits
         return SegOutput(logits, semantic_logits, frequency_logits, attention_s, attention_f)
 
     def frozen_prefixes(self) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import load_ensemble
-from .model import FreqMedCLIP
+from .model import ALL_ON, FreqMedCLIP, Switches
 from .preprocess import DEFAULT_MAX_PIXELS, normalize, resize_to, to_model_input, validate_image
 
 
@@ -88,7 +88,8 @@ class Predictor:
         return to_model_input(unit, self.image_size).to(self.device), array.shape[:2]
 
     @torch.no_grad()
-    def predict_tensor(self, image: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor | None]:
+    def predict_tensor(self, image: torch.Tensor, prompts: Sequence[str],
+                       switches: Switches = ALL_ON) -> dict[str, torch.Tensor | None]:
         """Probability maps for one prepared image and several prompts, at 224.
 
         image: (1, 3, 224, 224). Returns "probability", "semantic", "frequency" (P, 1, 224, 224) ensemble means
@@ -98,7 +99,7 @@ class Predictor:
         members, semantic, frequency = [], [], []
         with autocast(self.device, self.dtype):
             for model in self.models:
-                output = model(batch, list(prompts))
+                output = model(batch, list(prompts), switches=switches)
                 members.append(torch.sigmoid(output.logits.float()))
                 if output.semantic_logits is not None:
                     semantic.append(torch.sigmoid(output.semantic_logits.float()))
@@ -113,12 +114,13 @@ class Predictor:
         }
 
     def predict(self, image: np.ndarray | Image.Image, prompts: str | Sequence[str], modality: str = "auto",
-                window: str | tuple[float, float] | None = None) -> Prediction | list[Prediction]:
+                window: str | tuple[float, float] | None = None,
+                switches: Switches = ALL_ON) -> Prediction | list[Prediction]:
         """Segment ``image`` for one prompt (returns a Prediction) or several (a list, one forward batch)."""
         single = isinstance(prompts, str)
         prompt_list = [prompts] if single else list(prompts)
         tensor, size = self.prepare(image, modality, window)
-        maps = self.predict_tensor(tensor, prompt_list)
+        maps = self.predict_tensor(tensor, prompt_list, switches)
 
         def original(x: torch.Tensor | None) -> np.ndarray | None:
             return None if x is None else resize_to(x, size)[:, 0].cpu().numpy()

@@ -61,31 +61,28 @@ class TextEncoder(nn.Module):
 
     @torch.inference_mode(False)  # cached features must stay usable outside inference mode
     @torch.no_grad()
-    def _encode(self, prompts: list[str]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    def _encode(self, prompt: str) -> tuple[Tensor, Tensor, Tensor]:
+        """One prompt, unpadded and in fp32, so cached features never depend on batch-mates or autocast."""
         device = next(self.clip_text.parameters()).device
-        for prompt, ids in zip(prompts, self.tokenizer(prompts)["input_ids"]):
-            if len(ids) > self.context_length:
-                warnings.warn(f"prompt {prompt[:60]!r} has {len(ids)} tokens; truncated to {self.context_length}",
-                              stacklevel=4)
-        ids = self.tokenizer(prompts, padding="longest", truncation=True, max_length=self.context_length,
-                             return_tensors="pt")["input_ids"]
-        ids = ids.to(device)
-        attention = (ids != self.tokenizer.pad_token_id).long()
-        out = self.clip_text.transformer(input_ids=ids, attention_mask=attention)
-        tokens = out.last_hidden_state                                               # (B, L, d_t)
-        pooled = self.clip_text.pooler(out, attention)                               # (B, d_t)
-        embedding = self.clip_text.proj(pooled)                                      # (B, d_clip)
-        lengths = attention.sum(1).tolist()
-        return [(tokens[i, :n].float(), pooled[i].float(), embedding[i].float()) for i, n in enumerate(lengths)]
+        ids = self.tokenizer(prompt)["input_ids"]
+        if len(ids) > self.context_length:
+            warnings.warn(f"prompt {prompt[:60]!r} has {len(ids)} tokens; truncated to {self.context_length}",
+                          stacklevel=4)
+            ids = ids[: self.context_length - 1] + [self.tokenizer.sep_token_id]
+        ids = torch.tensor([ids], device=device)
+        attention = torch.ones_like(ids)
+        with torch.autocast(device.type, enabled=False):
+            out = self.clip_text.transformer(input_ids=ids, attention_mask=attention)
+            pooled = self.clip_text.pooler(out, attention)                           # (1, d_t)
+            embedding = self.clip_text.proj(pooled)                                  # (1, d_clip)
+        return out.last_hidden_state[0].float(), pooled[0].float(), embedding[0].float()
 
     def forward(self, prompts: Sequence[str]) -> TextFeatures:
         """Encode a batch of prompt strings (cached); returns padded :class:`TextFeatures`."""
         prompts = [_check_prompt(p) for p in prompts]
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if missing:
-            for prompt, features in zip(missing, self._encode(missing)):
-                self._cache[prompt] = features
         for prompt in prompts:
+            if prompt not in self._cache:
+                self._cache[prompt] = self._encode(prompt)
             self._cache.move_to_end(prompt)
         entries = [self._cache[p] for p in prompts]
         while len(self._cache) > self.cache_size:

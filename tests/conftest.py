@@ -13,20 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import json  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `pytest` (not only `python -m pytest`) must find the package
-    sys.path.insert(0, str(REPO_ROOT))
-
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 2 cores; OMP_NUM_THREADS=1 on a shared machine
 
 # The literal hub ids the production code uses; the fake cache below serves our stand-in under them.
 BIOMEDCLIP_ID = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"

@@ -1,0 +1,1 @@
+"""Training, evaluation and benchmarking entry points: ``python -m train.<module>``."""

@@ -1,0 +1,409 @@
+"""Train FreqMedCLIP (paper Section 4, Table 2): one trainer for every preset, variant and baseline.
+
+    python -m train.train --config train/configs/mini.yaml                         # CPU or one GPU
+    python -m train.train --config train/configs/mini_no_ffbi.yaml --epochs 5      # flags override the YAML
+    torchrun --standalone --nproc_per_node 4 -m train.train --config train/configs/full.yaml
+    torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 --nproc_per_node 4 -m train.train ...
+
+Notable choices:
+* A YAML file only sets argparse defaults; the resolved arguments are saved to ``<run-dir>/args.yaml``.
+* ``--batch-size`` is per process: the effective batch is batch_size x world_size x grad_accum (Table 2:
+  4 x 4 GPUs x 2). Gradients are all-reduced on the last micro-step only (``no_sync``).
+* Rerunning the same command resumes from ``<run-dir>/latest`` at epoch granularity (weights, optimizer,
+  scheduler, scaler, sampler epoch, every rank's RNG, best Dice, patience); progress inside an interrupted
+  epoch is discarded. Nothing is pickled: tensors go to safetensors, the rest to JSON, and a checkpoint
+  directory is written beside its target and swapped in, so a kill -9 never leaves a torn one
+  (``train/state.py``). Multi-node runs need ``--run-dir`` on a shared filesystem.
+* The text tower is frozen; the model caches each prompt's features (encoded alone, in fp32, so they never
+  depend on batch composition) and every prompt is encoded once before training starts.
+* Validation: Dice of the thresholded fused mask per record (both empty = 1, as ``freqmedclip.metrics``),
+  averaged per dataset; model selection and early stopping use the mean over datasets. Under DDP each rank
+  takes a strided, unpadded share of the val set and the sums are all-reduced: no record counts twice.
+* A non-finite loss skips its optimizer step on every rank; ``--nonfinite-patience`` consecutive ones stop
+  the run and leave the last good checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
+from tqdm import tqdm
+
+from freqmedclip.backbone import ClipBackbone
+from freqmedclip.checkpoint import WEIGHTS, atomic_write, code_version, read_checkpoint_header, save_checkpoint
+from freqmedclip.config import PRESETS, VARIANTS, FreqMedCLIPConfig
+from freqmedclip.data.dataset import SegmentationDataset, sampling_weights
+from freqmedclip.losses import segmentation_loss
+from freqmedclip.metrics import dice
+from freqmedclip.model import FreqMedCLIP, build_model, parameter_report
+from train import distributed, state
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOSS_TERMS = ("loss", "dice", "bce", "semantic_dice", "frequency_dice")
+
+
+# ------------------------------------------------------------------------------------------------------- args
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file whose keys set the defaults of the flags below")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default="data/phantoms", help="dataset root (manifest.jsonl, images/, masks/)")
+    data.add_argument("--datasets", nargs="+", default=None, help="train and validate on these datasets only")
+    data.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=True,
+                      help="draw every (dataset, positive/negative) group equally often")
+    data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                      help="paired flips/rotation/scale + intensity jitter on train items")
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", default="mini", help=f"one of {list(PRESETS)}")
+    model.add_argument("--variant", default="full", help=f"one of {list(VARIANTS)}")
+    model.add_argument("--backbone", default=None, help="override config.backbone: local-dir:PATH | hf-hub:ID")
+    model.add_argument("--random-backbone", action="store_true", help="random CLIP weights (tests only)")
+    model.add_argument("--frequency-weights", default=None, help="override config.frequency_weights: auto|none|PATH")
+    optim = parser.add_argument_group("optim (defaults: Table 2)")
+    optim.add_argument("--epochs", type=int, default=100, help="maximum")
+    optim.add_argument("--batch-size", type=int, default=4, help="per process")
+    optim.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
+    optim.add_argument("--lr", type=float, default=1e-4, help="AdamW, trainable parameters only")
+    optim.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's default (not in the paper)")
+    optim.add_argument("--t-max", type=int, default=100, help="CosineAnnealingLR period, in epochs")
+    optim.add_argument("--patience", type=int, default=10, help="validations without a better Dice (0: never stop)")
+    optim.add_argument("--bce-weight", type=float, default=1.0, help="lambda")
+    optim.add_argument("--alpha", type=float, default=0.4, help="semantic branch Dice weight")
+    optim.add_argument("--beta", type=float, default=0.4, help="frequency branch Dice weight")
+    optim.add_argument("--amp", default="none", help=f"autocast dtype, one of {list(AMP_DTYPES)}")
+    optim.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: no clipping)")
+    system = parser.add_argument_group("system")
+    system.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
+    system.add_argument("--seed", type=int, default=0, help="rank r seeds with seed * world_size + r")
+    system.add_argument("--run-dir", default=None, help="default: runs/<config name>")
+    system.add_argument("--max-steps", type=int, default=0, help="optimizer steps per epoch (0: all; smoke tests)")
+    system.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
+    system.add_argument("--nonfinite-patience", type=int, default=3, help="consecutive non-finite steps to stop")
+    system.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: LOCAL_RANK's GPU)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    config_parser = argparse.ArgumentParser(add_help=False)  # first pass: find --config (timm's two-pass parse)
+    config_parser.add_argument("--config", default=None)
+    known, _ = config_parser.parse_known_args(argv)
+    parser = build_parser()
+    if known.config:
+        defaults = {k.replace("-", "_"): v for k, v in (yaml.safe_load(Path(known.config).read_text()) or {}).items()}
+        unknown = sorted(set(defaults) - set(vars(parser.parse_args([]))))
+        if unknown:
+            parser.error(f"{known.config}: unknown keys {unknown}")
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    for name, allowed in (("preset", PRESETS), ("variant", VARIANTS), ("amp", AMP_DTYPES)):
+        if getattr(args, name) not in allowed:
+            parser.error(f"--{name} {getattr(args, name)!r}: expected one of {list(allowed)}")
+    if args.run_dir is None:
+        args.run_dir = str(Path("runs") / (Path(args.config).stem if args.config else f"{args.preset}-{args.variant}"))
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------- model, data
+def make_model(args: argparse.Namespace, backbone: ClipBackbone | None = None) -> FreqMedCLIP:
+    """The model named by the args; ``backbone`` shares an already loaded CLIP (tests)."""
+    overrides = {k: v for k, v in (("backbone", args.backbone), ("frequency_weights", args.frequency_weights)) if v}
+    config = FreqMedCLIPConfig.from_preset(args.preset, args.variant, bce_weight=args.bce_weight,
+                                           semantic_aux_weight=args.alpha, frequency_aux_weight=args.beta, **overrides)
+    return build_model(config, backbone, random_backbone=args.random_backbone and backbone is None)
+
+
+class DistributedWeightedSampler(Sampler[int]):
+    """Balanced sampling under DDP: one weighted draw (with replacement) over the whole dataset per epoch from a
+    generator seeded with seed + epoch, sharded rank::world, so the ranks together see one balanced epoch."""
+
+    def __init__(self, weights: Tensor, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        self.weights, self.num_replicas, self.rank, self.seed = weights.double(), num_replicas, rank, seed
+        self.epoch = 0
+        self.num_samples = math.ceil(len(weights) / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        draw = torch.multinomial(self.weights, self.num_samples * self.num_replicas, True, generator=generator)
+        return iter(draw[self.rank::self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def autocast(device: torch.device, amp: str) -> AbstractContextManager:
+    return nullcontext() if amp == "none" else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+# ------------------------------------------------------------------------------------------------------- resume
+def resume(directory: Path, model: FreqMedCLIP, optimizer: torch.optim.Optimizer, scheduler: Any,
+           scaler: torch.amp.GradScaler) -> dict[str, Any]:
+    """Load weights, optimizer, scheduler and scaler from ``directory``; return its train state."""
+    header = read_checkpoint_header(directory)
+    saved_config, config = FreqMedCLIPConfig.from_dict(header["config"]).to_dict(), model.config.to_dict()
+    changed = sorted(k for k in config if config[k] != saved_config[k])
+    if changed:
+        raise SystemExit(f"{directory} holds a model with other {changed}; use another --run-dir")
+    if model.backbone_sha256 == "random" or header["backbone"]["sha256"] != model.backbone_sha256:
+        raise SystemExit(f"{directory} was trained with the CLIP backbone {header['backbone']['source']}, not "
+                         f"{model.backbone_source} (a --random-backbone run cannot resume: its backbone is not saved)")
+    saved = state.load_train_state(directory)
+    device = next(model.parameters()).device
+    model.load_state_dict(load_file(str(directory / WEIGHTS), device=str(device)), strict=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if scaler.is_enabled() and saved["scaler"]:
+        scaler.load_state_dict(saved["scaler"])
+    return saved
+
+
+# ------------------------------------------------------------------------------------------------------- report
+@torch.no_grad()
+def evaluate(model: FreqMedCLIP, loader: DataLoader, names: list[str], device: torch.device, amp: str) -> dict:
+    """Mean Dice of the thresholded fused mask (logit > 0) per dataset, sums all-reduced over ranks."""
+    model.eval()
+    sums = torch.zeros(len(names), 2, dtype=torch.float64)                       # (datasets, [Dice sum, count])
+    for batch in loader:
+        with autocast(device, amp):
+            logits = model(batch["image"].to(device), batch["prompt"]).logits       # (B, 1, 224, 224)
+        for pred, gt, name in zip((logits > 0)[:, 0].cpu().numpy(), batch["mask"][:, 0].numpy() > 0.5,
+                                  batch["dataset"]):
+            sums[names.index(name)] += torch.tensor([dice(pred, gt), 1.0], dtype=torch.float64)
+    sums = distributed.all_reduce_sum(sums.to(device)).cpu()
+    model.train()
+    per_dataset = {n: (s / c).item() for n, (s, c) in zip(names, sums) if c > 0}
+    return {"dice": sum(per_dataset.values()) / max(len(per_dataset), 1), "per_dataset": per_dataset,
+            "count": {n: int(c) for n, (_, c) in zip(names, sums)}}
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """Train loss terms, val Dice (per dataset and mean) and learning rate against epochs, as a PNG."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(14, 3.8))
+    axes = figure.subplots(1, 3)
+    figure.subplots_adjust(left=0.05, right=0.98, bottom=0.14, wspace=0.25)
+    for term in LOSS_TERMS:
+        axes[0].plot([r["epoch"] for r in rows], [r["train"][term] for r in rows], label=term)
+    validated = [r for r in rows if "val" in r]
+    for name in sorted({n for r in validated for n in r["val"]["per_dataset"]}):
+        points = [(r["epoch"], r["val"]["per_dataset"][name]) for r in validated if name in r["val"]["per_dataset"]]
+        axes[1].plot(*zip(*points), marker=".", label=name)
+    axes[1].plot([r["epoch"] for r in validated], [r["val"]["dice"] for r in validated], "k-", lw=2, label="mean")
+    axes[2].plot([r["epoch"] for r in rows], [r["lr"] for r in rows])
+    for ax, title in zip(axes, ("train loss", "val Dice", "learning rate")):
+        ax.set(title=title, xlabel="epoch")
+    for ax in axes[:2]:
+        ax.legend(fontsize=7)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+
+
+def make_logger(run_dir: Path, main: bool) -> logging.Logger:
+    """DiT-style: rank 0 logs to stdout and <run-dir>/log.txt (appending across resumes); other ranks are silent."""
+    logger = logging.getLogger("freqmedclip.train")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handlers = (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "log.txt")) if main else ()
+    for handler in handlers or (logging.NullHandler(),):
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+    return logger
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train; returns {"best_dice", "best_epoch", "epochs_done", "stopped"} (on every rank)."""
+    args = parse_args(argv)
+    rank, _, world, device = distributed.setup(args.device)
+    try:
+        return train(args, ["python", "-m", "train.train", *argv] if argv is not None else sys.argv, rank, world,
+                     device)
+    finally:
+        distributed.cleanup()
+
+
+def train(args: argparse.Namespace, command: list[str], rank: int, world: int, device: torch.device) -> dict:
+    """Set up, resume if ``<run-dir>/latest`` exists, then run the epochs; ``command`` goes into checkpoints."""
+    run_dir, main_rank = Path(args.run_dir), rank == 0
+    latest, best_dir, metrics_path = run_dir / "latest", run_dir / "best", run_dir / "metrics.jsonl"
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state.recover(latest)
+        state.recover(best_dir)
+        (run_dir / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False))
+    distributed.barrier()
+    log = make_logger(run_dir, main_rank)
+    log.info("command: %s", " ".join(command))
+
+    state.seed_everything(args.seed)  # identical initial weights on every rank
+    model = make_model(args).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.t_max)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    for row in parameter_report(model):
+        log.info("  %-28s total %10d  trainable %10d", row["module"], row["total"], row["trainable"])
+
+    train_set = SegmentationDataset(args.data, "train", train=True, datasets=args.datasets, augment=args.augment)
+    val_set = SegmentationDataset(args.data, "val", train=False, datasets=args.datasets)
+    sampler = DistributedWeightedSampler(sampling_weights(train_set.records), world, rank, args.seed) \
+        if args.balanced else DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers,
+                        pin_memory=device.type == "cuda")
+    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size,
+                            num_workers=args.workers)  # strided, unpadded: every record exactly once overall
+    val_names = sorted({r.dataset for r in val_set.records})
+    prompts = sorted({p for r in train_set.records + val_set.records for p in r.prompts})
+    with torch.no_grad():
+        for prompt in prompts:
+            model.text([prompt])
+    n_batches = len(loader) if args.max_steps <= 0 else min(len(loader), args.max_steps * args.grad_accum)
+    log.info("%s/%s on %s x %d | train %d records, val %d | effective batch %d | %d steps/epoch | %d prompts",
+             args.preset, args.variant, device, world, len(train_set), len(val_set),
+             args.batch_size * world * args.grad_accum, math.ceil(n_batches / args.grad_accum), len(prompts))
+
+    progress = {"epoch": 0, "step": 0, "best_dice": -1.0, "best_epoch": 0, "bad_validations": 0, "stopped": None}
+    if (latest / "train_state.json").is_file():
+        saved = resume(latest, model, optimizer, scheduler, scaler)
+        progress = {k: saved[k] for k in progress}
+        if len(saved["rng"]) == world:
+            state.set_rng_state(saved["rng"][rank])
+        else:
+            state.seed_everything(args.seed * world + rank + progress["epoch"])
+            log.info("world size changed from %d to %d: RNG streams reseeded", len(saved["rng"]), world)
+        log.info("resumed from %s after epoch %d (progress inside an interrupted epoch is discarded)%s", latest,
+                 progress["epoch"], f"; nothing to do: {progress['stopped']}" if progress["stopped"] else "")
+    else:
+        state.seed_everything(args.seed * world + rank)  # per-rank augmentation streams
+    if len(set(distributed.all_gather_objects(progress["epoch"]))) > 1:
+        raise SystemExit("ranks found different checkpoints: put --run-dir on a shared filesystem")
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
+    rows = [r for r in rows if r["epoch"] <= progress["epoch"]]  # drop rows of an epoch whose checkpoint was lost
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    version, streak = code_version(), 0
+
+    for epoch in range(progress["epoch"], progress["epoch"] if progress["stopped"] else args.epochs):
+        sampler.set_epoch(epoch)
+        ddp.train()
+        totals = torch.zeros(len(LOSS_TERMS) + 3, device=device)     # loss terms, grad norm, steps, images
+        window = torch.zeros(len(LOSS_TERMS) + 1, device=device)     # one step's loss terms + non-finite count
+        start = time.perf_counter()
+        bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not main_rank, leave=False)
+        for i, batch in zip(range(n_batches), loader):
+            micro = min(args.grad_accum, n_batches - i // args.grad_accum * args.grad_accum)  # last step may be short
+            last = (i + 1) % args.grad_accum == 0 or i + 1 == n_batches
+            image, mask = batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True)
+            with ddp.no_sync() if world > 1 and not last else nullcontext():
+                with autocast(device, args.amp):
+                    output = ddp(image, batch["prompt"])
+                terms = segmentation_loss(output, mask, model.config.bce_weight, model.config.semantic_aux_weight,
+                                          model.config.frequency_aux_weight)
+                scaler.scale(terms.total / micro).backward()
+            window += torch.stack([*(t.detach().float() for t in terms), (~torch.isfinite(terms.total)).float()])
+            totals[-1] += len(image)
+            bar.update()
+            if not last:
+                continue
+            nonfinite = distributed.all_reduce_sum(window[-1:].clone()).item() > 0
+            if not nonfinite:
+                scaler.unscale_(optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad if args.clip_grad > 0 else math.inf)
+                norm_finite = torch.isfinite(norm).item()
+                nonfinite = not norm_finite and not scaler.is_enabled()  # fp16 overflow: scaler.step skips itself
+            if nonfinite:
+                optimizer.zero_grad(set_to_none=True)
+                streak += 1
+                log.warning("non-finite loss or gradient at epoch %d, batch %d: step skipped (%d in a row)",
+                            epoch + 1, i + 1, streak)
+                if streak >= args.nonfinite_patience:
+                    message = (f"stopped: {streak} consecutive non-finite steps (--nonfinite-patience "
+                               f"{args.nonfinite_patience}); the last good checkpoint in {latest} is kept")
+                    log.error(message)
+                    raise SystemExit(message)
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                totals[:len(LOSS_TERMS)] += window[:-1] / micro
+                totals[len(LOSS_TERMS)] += norm.float() if norm_finite else 0.0
+                totals[-2] += 1
+                progress["step"] += 1
+                streak = 0
+            window.zero_()
+        bar.close()
+        seconds = time.perf_counter() - start
+        totals = distributed.all_reduce_sum(totals).tolist()
+        steps = max(totals[-2], 1.0)
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": progress["step"], "lr": optimizer.param_groups[0]["lr"],
+                               "train": {t: v / steps for t, v in zip(LOSS_TERMS, totals)},
+                               "grad_norm": totals[len(LOSS_TERMS)] / steps, "time_s": round(seconds, 2),
+                               "images_per_s": round(totals[-1] / seconds, 2), "world_size": world}
+        scheduler.step()
+        progress["epoch"] = epoch + 1
+        improved = False
+        if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
+            row["val"] = evaluate(model, val_loader, val_names, device, args.amp)
+            improved = row["val"]["dice"] > progress["best_dice"]
+            if improved:
+                progress.update(best_dice=row["val"]["dice"], best_epoch=epoch + 1, bad_validations=0)
+            else:
+                progress["bad_validations"] += 1
+            if 0 < args.patience <= progress["bad_validations"]:
+                progress["stopped"] = (f"early stopping after epoch {epoch + 1}: no better val Dice in "
+                                       f"{args.patience} validations (best {progress['best_dice']:.4f} at epoch "
+                                       f"{progress['best_epoch']})")
+        row["best_dice"] = progress["best_dice"]
+        rng = distributed.all_gather_objects(state.rng_state())
+        if main_rank:
+            rows.append(row)
+            atomic_write(metrics_path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+            plot_curves(rows, run_dir / "curves.png")
+            metadata = {"args": vars(args), "epoch": epoch + 1, "metrics": row, "command": command,
+                        "code_version": version, "world_size": world}
+            if improved:
+                with state.publishing(best_dir) as tmp:
+                    save_checkpoint(tmp, model, metadata)
+            with state.publishing(latest) as tmp:
+                save_checkpoint(tmp, model, metadata)
+                objects = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "scaler": scaler.state_dict(), "rng": rng}
+                state.save_train_state(tmp, dict(progress, sampler_epoch=epoch + 1, world_size=world), objects)
+        distributed.barrier()
+        val = " ".join(f"{k} {v:.3f}" for k, v in row["val"]["per_dataset"].items()) if "val" in row else "-"
+        log.info("epoch %d/%d | loss %.4f (dice %.4f bce %.4f sem %.4f freq %.4f) | val Dice %s [%s] | best %.4f @%d"
+                 " | lr %.2e | %.1f s, %.1f img/s", epoch + 1, args.epochs, *row["train"].values(),
+                 f"{row['val']['dice']:.4f}" if "val" in row else "-", val, progress["best_dice"],
+                 progress["best_epoch"], row["lr"], seconds, row["images_per_s"])
+        if progress["stopped"]:
+            log.info(progress["stopped"])
+            break
+    log.info("done: best val Dice %.4f at epoch %d; checkpoints in %s", progress["best_dice"],
+             progress["best_epoch"], run_dir)
+    return {"best_dice": progress["best_dice"], "best_epoch": progress["best_epoch"],
+            "epochs_done": progress["epoch"], "stopped": progress["stopped"]}
+
+
+if __name__ == "__main__":
+    main()
