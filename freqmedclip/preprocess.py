@@ -4,7 +4,7 @@ Modalities (the same conventions as the dataset converters):
 
 * ``"MRI"``: z-score within the foreground (non-zero pixels), clipped to [-3, 3], mapped to [0, 1].
 * ``"CT"``: a Hounsfield window (a preset name or ``(level, width)``) when given, min-max otherwise.
-* ``"MG"`` (mammography): min-max.
+* ``"MG"`` (mammography): clipped to the 0.5-99.5 percentiles, then min-max (as the CBIS-DDSM converter).
 * ``"auto"``: images that are already display images (8-bit: / 255; 16-bit and float: min-max).
 
 Bad input raises :class:`InputError` with a message that names the problem.
@@ -82,6 +82,9 @@ def normalize(image: np.ndarray, modality: str = "auto", window: str | tuple[flo
             window = WINDOW_PRESETS[window]
         level, width = window
         return np.clip((x - (level - width / 2)) / width, 0.0, 1.0)
+    if modality == "MG":
+        low, high = np.percentile(x, [0.5, 99.5])
+        return _min_max(np.clip(x, low, high))
     if modality == "auto" and image.dtype == np.uint8:
         return x / 255.0
     return _min_max(x)
