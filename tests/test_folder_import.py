@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -159,3 +160,84 @@ def test_missing_required_column_is_reported(tmp_path):
     _csv(tmp_path / "bad.csv", [{"image": "x.png", "prompt": "p"}], ("image", "prompt"))
     with pytest.raises(SystemExit, match="structure"):
         import_folder(tmp_path, tmp_path, tmp_path / "bad.csv", tmp_path / "out")
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _args(folder, out, *extra):
+    paths = ["--images", folder / "images", "--masks", folder / "masks", "--prompts", folder / "prompts.csv"]
+    return [str(a) for a in (*paths, "--out", out, "--dataset", "mine", *extra)]
+
+
+def _tree(out) -> dict[str, bytes]:
+    """Every sample file and the manifest, by relative path (markers and the timed summary left out)."""
+    files = [p for d in ("images", "masks") for p in sorted((out / d).iterdir())] + [out / "manifest.jsonl"]
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in files}
+
+
+def test_two_workers_give_the_same_output_as_one(folder):
+    one = main(_args(folder, folder / "one", "--workers", "1"))
+    two = main(_args(folder, folder / "two", "--workers", "2"))
+    assert _tree(folder / "one") == _tree(folder / "two")
+    assert {k: v for k, v in one.items() if k not in ("out", "seconds")} == {
+        k: v for k, v in two.items() if k not in ("out", "seconds")
+    }
+    saved = json.loads((folder / "two" / "conversion_mine.json").read_text())
+    assert saved["skipped"] == two["skipped"] and len(saved["skipped"]) == 3
+    assert saved["records"] == two["records"] and saved["converted"] == 3
+
+
+def test_rerun_resumes_and_redoes_changed_images(folder, capsys):
+    out = folder / "out"
+    first = main(_args(folder, out, "--workers", "2"))
+    files = _tree(out)
+    again = main(_args(folder, out))
+    assert (again["converted"], again["resumed"], len(again["skipped"])) == (0, 3, 3)  # bad files retried, reported
+    assert "converted 3 images, 4 records (3 positive, 1 negative)" in capsys.readouterr().out
+    assert _tree(out) == files and again["records"] == first["records"]
+
+    rows = _rows(folder / "prompts.csv")
+    rows[2]["prompt"] = "large colon polyp"  # b.png's only row
+    _csv(folder / "prompts.csv", rows)
+    edited = main(_args(folder, out))
+    assert (edited["converted"], edited["resumed"]) == (1, 2)
+    assert {r.sample_id: r.prompts for r in read_manifest(out)}["mine_b"] == ["large colon polyp"]
+
+
+def test_interrupted_run_resumes_without_half_written_samples(folder, monkeypatch):
+    import freqmedclip.data.folder as folder_module
+
+    calls = []
+    real_write = folder_module.write_sample
+
+    def write_then_stop(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(*args, **kwargs)
+
+    out = folder / "out"
+    monkeypatch.setattr(folder_module, "write_sample", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(folder, out, "--workers", "1"))
+    assert not (out / "manifest.jsonl").exists() and not (out / "images" / f"{calls[1]}.png").exists()
+    assert not list(out.rglob("*.tmp"))
+    monkeypatch.setattr(folder_module, "write_sample", real_write)
+    resumed = main(_args(folder, out, "--workers", "1"))
+    assert (resumed["converted"], resumed["resumed"]) == (2, 1)
+    main(_args(folder, folder / "clean", "--workers", "1"))
+    assert _tree(out) == _tree(folder / "clean")
+
+
+def test_bad_mask_skips_only_its_row(folder):
+    rows = _rows(folder / "prompts.csv")
+    rows.append({"image": "b.png", "structure": "tumour", "prompt": "tumour", "subject_id": "P2", "mask": "f.png"})
+    _csv(folder / "prompts.csv", rows)
+    records, skipped = import_folder(folder / "images", folder / "masks", folder / "prompts.csv", folder / "out")
+    assert {(r.sample_id, r.structure) for r in records if r.sample_id == "custom_b"} == {("custom_b", "polyp")}
+    assert ("custom_b", f"{folder / 'masks' / 'f.png'}: mask size 40x40 != image size 64x64") in skipped
+    again, _ = import_folder(folder / "images", folder / "masks", folder / "prompts.csv", folder / "out")
+    assert [(r.sample_id, r.structure) for r in again] == [(r.sample_id, r.structure) for r in records]

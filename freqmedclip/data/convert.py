@@ -1,25 +1,30 @@
-"""Shared machinery of the real-dataset converters (BraTS, CBIS-DDSM, LUNA16; DATA.md §1-3, §8).
+"""Shared machinery of the converters (BraTS, CBIS-DDSM, LUNA16, the folder importer; DATA.md §1-3, §8).
 
 A converter describes its raw download as a list of independent :class:`Case` objects (one BraTS
-case folder, one mammogram, one CT series) plus a picklable function ``convert(case, out, options)``
-that writes that case's samples with :func:`freqmedclip.data.format.write_sample` and returns their
-StructureRecords. :func:`run_conversion` does the rest, identically for every dataset:
+case folder, one mammogram, one CT series, one image of an imported folder) plus a picklable function
+``convert(case, out, options)`` that writes that case's samples with
+:func:`freqmedclip.data.format.write_sample` and returns their StructureRecords. :func:`run_conversion`
+does the rest, identically for every dataset:
 
 - cases run in a ``multiprocessing`` pool (``--workers``), one case per task, so memory stays at
   one volume per worker; a tqdm bar counts cases;
 - a bad case raises :class:`CaseError` (or any exception); it is reported with the offending file,
-  skipped, and listed in the summary while the other cases convert;
-- resumable: when a case finishes, its records go to ``<out>/.convert/<dataset>/<case>.json``
-  (atomic). A rerun loads finished cases from there and converts only the rest, so an interrupted
-  run continues where it stopped. Samples are written atomically, so a half-converted case only
-  leaves complete PNGs, which the rerun rewrites. A marker written with different options, or one
-  listing a sample file that has since disappeared, is stale: its files are deleted and the case is
-  converted again;
+  skipped, and listed in the summary while the other cases convert. A case may also leave out some
+  of its inputs (e.g. one bad mask of an image with several) and still convert the rest: ``convert``
+  then returns the reasons as a third element, ``(records, notes, skipped)``; they are listed with
+  the skipped cases, and a case whose every input was left out counts as skipped;
+- resumable: when a case finishes without leaving anything out, its records go to
+  ``<out>/.convert/<dataset>/<case>.json`` (atomic). A rerun loads finished cases from there and
+  converts only the rest (skipped and partly skipped cases are retried), so an interrupted run
+  continues where it stopped. Samples are written atomically, so a half-converted case only leaves
+  complete PNGs, which the rerun rewrites. A marker written with different options or a different
+  case payload, or one listing a sample file that has since disappeared, is stale: its files are
+  deleted and the case is converted again;
 - the manifest keeps other datasets' records already in ``<out>/manifest.jsonl`` (several
   converters may share one root), splits this dataset's subjects 70/20/10 with
   :func:`~freqmedclip.data.format.assign_splits`, and writes it atomically;
 - a summary (samples per split, positive/negative records per split and structure, skipped cases
-  with reasons, notes, time) is printed and saved as ``<out>/conversion_<dataset>.json``.
+  and files with reasons, notes, time) is printed and saved as ``<out>/conversion_<dataset>.json``.
 
 Geometry conventions used by every converter (the tests rely on them): a stored pixel (r, c) of an
 S x S image covers the source region whose centre is at continuous source index
@@ -76,10 +81,12 @@ class CaseResult:
     key: str
     records: list[StructureRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
     error: str | None = None
 
 
-ConvertFn = Callable[[Case, Path, Any], "tuple[list[StructureRecord], list[str]]"]
+# convert(case, out, options) -> (records, notes) or (records, notes, skipped reasons)
+ConvertFn = Callable[[Case, Path, Any], tuple]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,12 +155,15 @@ def relative(path: Path | str, root: Path | str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def base_parser(module: str, description: str, dataset: str) -> argparse.ArgumentParser:
-    """Argument parser with the options every converter shares; converters add their own."""
+def base_parser(module: str, description: str, dataset: str, root: bool = True) -> argparse.ArgumentParser:
+    """Argument parser with the options every converter shares; converters add their own.
+
+    ``root=False`` leaves out ``--root`` for a converter that names its inputs with its own options."""
     p = argparse.ArgumentParser(
         prog=f"python -m {module}", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--root", type=Path, required=True, help="raw download (read only)")
+    if root:
+        p.add_argument("--root", type=Path, required=True, help="raw download (read only)")
     p.add_argument("--out", type=Path, required=True, help="dataset root to write (created; may be shared)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
     p.add_argument("--size", type=int, default=224, help="stored image side in pixels")
@@ -167,7 +177,13 @@ def base_parser(module: str, description: str, dataset: str) -> argparse.Argumen
         help="subject-level split fractions",
     )
     p.add_argument("--limit", type=int, default=None, help="convert only the first N cases (smoke runs)")
-    p.add_argument("--dataset-name", default=dataset, help="value of the manifest's `dataset` field")
+    p.add_argument(
+        "--dataset-name",
+        "--dataset",
+        dest="dataset_name",
+        default=dataset,
+        help="value of the manifest's `dataset` field",
+    )
     return p
 
 
@@ -189,18 +205,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def fingerprint(options: Any, version: str) -> str:
-    """Hash of everything that changes a case's output (converter version + options)."""
+def fingerprint(options: Any, version: str, payload: Any = None) -> str:
+    """Hash of everything that changes a case's output (converter version, options, case payload)."""
     opts = asdict(options) if is_dataclass(options) else dict(options)
-    text = json.dumps({"version": version, "options": opts}, sort_keys=True, default=str)
+    text = json.dumps({"version": version, "options": opts, "payload": payload}, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def _run_case(job: tuple[ConvertFn, Case, Path, Any]) -> CaseResult:
     convert, case, out, options = job
     try:
-        records, notes = convert(case, out, options)
-        return CaseResult(case.key, records, notes)
+        records, notes, *skipped = convert(case, out, options)
+        return CaseResult(case.key, records, notes, skipped=list(skipped[0]) if skipped else [])
     except CaseError as e:
         return CaseResult(case.key, error=str(e))
     except MemoryError:
@@ -252,19 +268,23 @@ def run_conversion(
     assign: Callable[[list[StructureRecord]], None] | None = None,
     skipped: Sequence[tuple[str, str]] = (),
     notes: Sequence[str] = (),
+    unit: str = "case",
 ) -> dict:
     """Convert ``cases`` (resuming finished ones), write the manifest and return the summary dict.
 
     Args:
         dataset: the manifest's ``dataset`` value; records of other datasets in ``out`` are kept.
         cases: work units; their keys must be unique.
-        convert: ``convert(case, out, options) -> (records, notes)``; a module-level function.
-        options: picklable options object passed to ``convert`` (part of the resume fingerprint).
+        convert: ``convert(case, out, options) -> (records, notes[, skipped])``; a module-level function.
+            ``skipped`` lists reasons (naming the file) for inputs of the case that were left out.
+        options: picklable options object passed to ``convert`` (part of the resume fingerprint, as
+            are the version and each case's payload).
         version: converter version string (part of the resume fingerprint).
         stratify: stratum of a record for :func:`assign_splits` (default: the dataset).
         assign: replaces the default split assignment (fills ``record.split`` in place).
         skipped: (case, reason) pairs already rejected while indexing the raw data.
         notes: dataset-level notes for the summary.
+        unit: what one case is, for the progress bar and the summary ("case", "file").
     Returns:
         the summary also saved as ``out/conversion_<dataset>.json``.
     """
@@ -274,7 +294,7 @@ def run_conversion(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state_dir = out / STATE_DIR / safe_name(dataset)
-    fp = fingerprint(options, version)
+    fps = {c.key: fingerprint(options, version, c.payload) for c in cases}
     keys = [c.key for c in cases]
     if len(set(keys)) != len(keys):
         dup = [k for k, n in Counter(keys).items() if n > 1]
@@ -285,7 +305,7 @@ def run_conversion(
     for case in cases:
         marker = state_dir / f"{safe_name(case.key)}.json"
         if marker.is_file():
-            done = _load_marker(marker, out, fp)
+            done = _load_marker(marker, out, fps[case.key])
             if done is not None:
                 results[case.key] = done
                 continue
@@ -298,18 +318,20 @@ def run_conversion(
     errors: list[tuple[str, str]] = list(skipped)
 
     def collect(res: CaseResult, bar: tqdm) -> None:
-        if res.error is not None:
-            errors.append((res.key, res.error))
-            bar.write(f"[{dataset}] skipped {res.key}: {res.error}")
-        else:
-            marker = state_dir / f"{safe_name(res.key)}.json"
-            state = {"key": res.key, "fingerprint": fp, "notes": res.notes, "records": [asdict(r) for r in res.records]}
-            _atomic_write_text(marker, json.dumps(state) + "\n")
+        for reason in [res.error] if res.error is not None else res.skipped:
+            errors.append((res.key, reason))
+            bar.write(f"[{dataset}] skipped {res.key}: {reason}")
+        if res.error is None and (res.records or not res.skipped):
+            if not res.skipped:  # a partly skipped case is retried by the next run
+                marker = state_dir / f"{safe_name(res.key)}.json"
+                records = [asdict(r) for r in res.records]
+                state = {"key": res.key, "fingerprint": fps[res.key], "notes": res.notes, "records": records}
+                _atomic_write_text(marker, json.dumps(state) + "\n")
             results[res.key] = res
         bar.update(1)
 
     jobs = [(convert, case, out, options) for case in todo]
-    with tqdm(total=len(jobs), desc=f"convert {dataset}", unit="case", dynamic_ncols=True) as bar:
+    with tqdm(total=len(jobs), desc=f"convert {dataset}", unit=unit, dynamic_ncols=True) as bar:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
                 collect(_run_case(job), bar)
@@ -329,15 +351,14 @@ def run_conversion(
         kept = [r for r in read_manifest(out) if r.dataset != dataset]
     write_manifest(out, kept + records)
 
-    summary = _summary(
-        dataset, out, len(cases) + len(skipped), results, records, errors, list(notes), resumed, time.time() - start
-    )
+    n_cases = len(cases) + len(skipped)
+    summary = _summary(dataset, out, unit, n_cases, results, records, errors, list(notes), resumed, time.time() - start)
     _atomic_write_text(out / f"conversion_{safe_name(dataset)}.json", json.dumps(summary, indent=1) + "\n")
     print(format_summary(summary))
     return summary
 
 
-def _summary(dataset, out, n_cases, results, records, errors, notes, resumed, seconds) -> dict:
+def _summary(dataset, out, unit, n_cases, results, records, errors, notes, resumed, seconds) -> dict:
     per_split: dict[str, dict[str, dict[str, int]]] = defaultdict(
         lambda: defaultdict(lambda: {"positive": 0, "negative": 0})
     )
@@ -354,6 +375,7 @@ def _summary(dataset, out, n_cases, results, records, errors, notes, resumed, se
     return {
         "dataset": dataset,
         "out": str(out),
+        "unit": unit,
         "cases": n_cases,
         "converted": len(results) - resumed,
         "resumed": resumed,
@@ -372,16 +394,25 @@ def _summary(dataset, out, n_cases, results, records, errors, notes, resumed, se
 
 def format_summary(summary: dict) -> str:
     """Human-readable version of the summary returned by :func:`run_conversion`."""
+    unit = summary["unit"]
+    counts = [c for split in summary["records"].values() for c in split.values()]
+    positive, negative = sum(c["positive"] for c in counts), sum(c["negative"] for c in counts)
     lines = [
-        f"== {summary['dataset']}: {summary['cases']} cases, {summary['converted']} converted, "
-        f"{summary['resumed']} resumed, {len(summary['skipped'])} skipped, {summary['seconds']} s =="
+        (
+            f"== {summary['dataset']}: {summary['cases']} {unit}s, {summary['converted']} converted, "
+            f"{summary['resumed']} resumed, {len(summary['skipped'])} skipped, {summary['seconds']} s =="
+        ),
+        (
+            f"  converted {sum(summary['samples'].values())} images, {positive + negative} records "
+            f"({positive} positive, {negative} negative) -> {summary['out']}"
+        ),
     ]
     for split, n in summary["samples"].items():
         lines.append(f"  {split:<6} {n:>7} samples from {summary['subjects'][split]} subjects")
         for structure, c in summary["records"][split].items():
             lines.append(f"         {structure:<20} {c['positive']:>7} positive {c['negative']:>7} negative")
     if summary["skipped"]:
-        lines.append("  skipped:")
+        lines.append(f"  skipped {len(summary['skipped'])} {unit}(s):")
         lines += [f"    {s['case']}: {s['reason']}" for s in summary["skipped"]]
     if summary["notes"]:
         lines.append("  notes:")

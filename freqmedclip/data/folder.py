@@ -1,7 +1,7 @@
 """Import a folder of images + masks + a prompts CSV into the on-disk format (fine-tune on own data).
 
 ``python -m freqmedclip.data.folder --images DIR --masks DIR --prompts prompts.csv --out DIR
-[--modality MRI] [--dataset NAME] [--spacing MM]``
+[--modality MRI] [--dataset NAME] [--spacing MM] [--seed S] [--workers N] [--limit N] [--fractions 0.7 0.2 0.1]``
 
 prompts.csv columns: ``image`` (file name in --images), ``structure``, ``prompt`` (phrasings
 separated by '|', the first one is used for evaluation), optional ``subject_id`` (default: the
@@ -9,10 +9,15 @@ image name; splits are made on it), optional ``mask`` (file name in --masks; emp
 absent). Without a ``mask`` column, masks are found by name in --masks: ``<stem>__<structure>.*``,
 ``<stem>_<structure>.*``, then ``<stem>.*``; rows with no match become negatives and are listed.
 
+It runs on the converters' shared runner (:mod:`freqmedclip.data.convert`): one case is one image
+with all its rows, cases run in parallel (``--workers``) with a progress bar, a rerun resumes (it
+skips images already imported with the same options, rows and file sizes/times, and retries the
+skipped ones), and the summary is printed and saved as ``<out>/conversion_<dataset>.json``.
+
 Notable choices:
 - Images of any size and type (8/16-bit, float, gray/RGB/RGBA/palette; PNG, JPEG, TIFF, ...) are
-  min-max normalised per image to uint8 and resized to 224x224 (bilinear, antialiased); the aspect
-  ratio is not kept, so the recorded spacing becomes ``spacing * original / 224`` per axis.
+  min-max normalised per image to uint8 and resized to ``--size`` (224) square (bilinear, antialiased);
+  the aspect ratio is not kept, so the recorded spacing becomes ``spacing * original / size`` per axis.
 - Masks are resized nearest-neighbour. Lossless masks must hold exactly two values (0 and one
   foreground value) or they are rejected as non-binary; JPEG masks are lossy by nature and are
   binarised at half their maximum instead.
@@ -23,29 +28,47 @@ Notable choices:
 
 from __future__ import annotations
 
-import argparse
 import csv
-import re
+import os
+import sys
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from freqmedclip.data.format import StructureRecord, assign_splits, read_manifest, write_manifest, write_sample
+from freqmedclip.data.convert import (
+    Case,
+    CaseError,
+    base_parser,
+    resize_bilinear,
+    run_conversion,
+    safe_name,
+    stored_spacing,
+    to_uint8,
+)
+from freqmedclip.data.format import StructureRecord, read_manifest, write_sample
 
+VERSION = "folder-1"
 SIZE = 224
 LOSSY_SUFFIXES = {".jpg", ".jpeg"}
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg", ".gif")
 
 
-class BadFile(ValueError):
-    """An input file that is skipped (the message says why)."""
+@dataclass(frozen=True)
+class FolderOptions:
+    dataset: str = "custom"
+    modality: str = "unknown"
+    spacing: float = 1.0
+    size: int = SIZE
 
 
 def read_array(path: Path) -> np.ndarray:
-    """Pixel array of any PIL-readable file: (H, W) or (H, W, C), native dtype (16-bit kept)."""
+    """Pixel array of any PIL-readable file: (H, W) or (H, W, C), native dtype (16-bit kept).
+
+    Raises CaseError naming the file when it is missing or unreadable."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -53,15 +76,16 @@ def read_array(path: Path) -> np.ndarray:
                 im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
             return np.asarray(im)
     except FileNotFoundError as e:
-        raise BadFile("missing file") from e
+        raise CaseError(f"{path}: missing file") from e
     except (OSError, ValueError, SyntaxError) as e:
-        raise BadFile(f"unreadable ({type(e).__name__}: {e})") from e
+        raise CaseError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
 
 
 def normalise_image(array: np.ndarray, size: int = SIZE) -> np.ndarray:
     """Any (H, W) / (H, W, C) array -> uint8 (size, size) gray or (size, size, 3) RGB.
 
-    Alpha is dropped, RGB with identical channels becomes gray, intensities are min-max scaled."""
+    Alpha is dropped, RGB with identical channels becomes gray, intensities are min-max scaled.
+    Raises ValueError for a constant or non-finite image."""
     array = np.asarray(array, dtype=np.float32)
     if array.ndim == 3:
         array = array[..., :3] if array.shape[2] >= 3 else array[..., 0]
@@ -72,21 +96,18 @@ def normalise_image(array: np.ndarray, size: int = SIZE) -> np.ndarray:
     ):
         array = array[..., 0]
     if array.ndim not in (2, 3) or not np.isfinite(array).all():
-        raise BadFile(f"unsupported pixel array {array.shape} or non-finite values")
+        raise ValueError(f"unsupported pixel array {array.shape} or non-finite values")
     low, high = float(array.min()), float(array.max())
     if high <= low:
-        raise BadFile("constant image")
+        raise ValueError("constant image")
     scaled = (array - low) / (high - low)
-    channels = [scaled] if scaled.ndim == 2 else [scaled[..., c] for c in range(3)]
-    resized = [
-        np.asarray(Image.fromarray(ch, mode="F").resize((size, size), Image.Resampling.BILINEAR)) for ch in channels
-    ]
-    out = np.stack(resized, axis=-1) if len(resized) == 3 else resized[0]
-    return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
+    return to_uint8(resize_bilinear(scaled, size) * 255)
 
 
 def normalise_mask(array: np.ndarray, lossy: bool, size: int = SIZE) -> np.ndarray:
-    """Mask file array (H, W) or (H, W, C) -> bool (size, size); any non-zero colour is foreground."""
+    """Mask file array (H, W) or (H, W, C) -> bool (size, size); any non-zero colour is foreground.
+
+    Raises ValueError for a lossless mask with more than two values or without 0 among them."""
     array = np.asarray(array)
     if array.ndim == 3:
         array = array[..., :3].max(axis=-1) if array.shape[2] >= 3 else array[..., 0]
@@ -96,7 +117,7 @@ def normalise_mask(array: np.ndarray, lossy: bool, size: int = SIZE) -> np.ndarr
         values = np.unique(array)
         if len(values) > 2 or (len(values) == 2 and values[0] != 0):
             shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
-            raise BadFile(f"non-binary mask values ({len(values)} distinct: {shown})")
+            raise ValueError(f"non-binary mask values ({len(values)} distinct: {shown})")
         binary = array != 0
     resized = Image.fromarray(binary.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
     return np.asarray(resized) > 127
@@ -113,10 +134,6 @@ def find_mask(masks_dir: Path, image_name: str, structure: str) -> Path | None:
     return None
 
 
-def safe_id(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "image"
-
-
 def read_prompts(path: Path) -> tuple[list[dict], bool]:
     """Rows of prompts.csv (stripped strings) and whether it has a ``mask`` column."""
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -129,6 +146,160 @@ def read_prompts(path: Path) -> tuple[list[dict], bool]:
     return rows, "mask" in columns
 
 
+def _stamp(path: Path | None) -> list[int] | None:
+    """(size, mtime) of a file, so that a rerun converts an image again once it or a mask changed."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError):  # missing file, or no mask (None)
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def find_cases(images: Path, masks: Path, prompts: Path, dataset: str) -> tuple[list[Case], list[str]]:
+    """One case per image of prompts.csv (sorted by name) with its rows; returns (cases, notes).
+
+    Mask files are resolved here, so the payload (part of the resume fingerprint) changes when a
+    row, a file name, or an image or mask file changes."""
+    images, masks = Path(images), Path(masks)
+    rows, has_mask_column = read_prompts(prompts)
+    by_image: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_image[row["image"]].append(row)
+    cases: list[Case] = []
+    unmatched: list[str] = []
+    used_ids: set[str] = set()
+    for image_name, image_rows in sorted(by_image.items()):
+        base = sample_id = safe_name(f"{dataset}_{Path(image_name).stem}")
+        n = 1
+        while sample_id in used_ids:
+            n += 1
+            sample_id = f"{base}_{n}"
+        used_ids.add(sample_id)
+        entries = []
+        for row in image_rows:
+            if has_mask_column:
+                mask_path = masks / row["mask"] if row.get("mask") else None
+            else:
+                mask_path = find_mask(masks, image_name, row["structure"])
+                if mask_path is None:
+                    unmatched.append(f"{image_name}/{row['structure']}")
+            entries.append(
+                {
+                    "structure": row["structure"],
+                    "prompt": row["prompt"],
+                    "subject_id": row.get("subject_id") or Path(image_name).stem,
+                    "mask": None if mask_path is None else str(mask_path),
+                    "mask_stamp": _stamp(mask_path),
+                }
+            )
+        image_path = images / image_name
+        payload = {
+            "name": image_name,
+            "image": str(image_path),
+            "stamp": _stamp(image_path),
+            "sample_id": sample_id,
+            "rows": entries,
+        }
+        cases.append(Case(key=sample_id, source=str(image_path), payload=payload))
+    notes = []
+    if unmatched:
+        listed = ", ".join(unmatched[:10]) + (" ..." if len(unmatched) > 10 else "")
+        notes.append(f"{len(unmatched)} row(s) without a mask file in {masks} were stored as negatives: {listed}")
+    return cases, notes
+
+
+def read_mask(path: Path, shape: tuple[int, int], size: int) -> np.ndarray:
+    """Mask file -> bool (size, size); raises CaseError naming the file when it cannot be used."""
+    array = read_array(path)
+    if array.shape[:2] != shape:
+        raise CaseError(f"{path}: mask size {array.shape[1]}x{array.shape[0]} != image size {shape[1]}x{shape[0]}")
+    try:
+        return normalise_mask(array, path.suffix.lower() in LOSSY_SUFFIXES, size)
+    except ValueError as e:
+        raise CaseError(f"{path}: {e}") from e
+
+
+def convert_case(case: Case, out: Path, opt: FolderOptions) -> tuple[list[StructureRecord], list[str], list[str]]:
+    """Import one image with its rows; returns (records, notes, skipped masks with reasons)."""
+    p = case.payload
+    raw = read_array(Path(p["image"]))
+    try:
+        image = normalise_image(raw, opt.size)
+    except ValueError as e:
+        raise CaseError(f"{p['image']}: {e}") from e
+    shape = raw.shape[:2]
+    sample_masks: dict[str, np.ndarray] = {}
+    kept, skipped = [], []
+    for row in p["rows"]:
+        structure = safe_name(row["structure"])
+        if row["mask"] is not None:
+            try:
+                mask = read_mask(Path(row["mask"]), shape, opt.size)
+            except CaseError as e:
+                skipped.append(str(e))
+                continue
+            if mask.any():
+                sample_masks[structure] = mask
+        kept.append((structure, row))
+    if not kept:
+        return [], [], skipped
+    image_rel, mask_rels = write_sample(out, p["sample_id"], image, sample_masks, overwrite=True)
+    present = sorted(mask_rels)
+    caption = (
+        f"{opt.modality} image with {', '.join(s.replace('_', ' ') for s in present)}"
+        if present
+        else f"{opt.modality} image without findings"
+    )
+    records = []
+    for structure, row in kept:
+        records.append(
+            StructureRecord(
+                sample_id=p["sample_id"],
+                subject_id=row["subject_id"],
+                dataset=opt.dataset,
+                modality=opt.modality,
+                structure=structure,
+                prompts=[q.strip() for q in row["prompt"].split("|") if q.strip()] or [row["structure"]],
+                image=image_rel,
+                mask=mask_rels.get(structure),
+                spacing_mm=stored_spacing((opt.spacing, opt.spacing), shape, opt.size),
+                original_size=shape,
+                source=str(Path(p["name"])),
+                caption=caption,
+            )
+        )
+    return records, [], skipped
+
+
+def convert_folder(
+    images: Path,
+    masks: Path,
+    prompts: Path,
+    out: Path,
+    options: FolderOptions = FolderOptions(),
+    *,
+    workers: int = 1,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.7, 0.2, 0.1),
+    limit: int | None = None,
+) -> dict:
+    """Import the folder with the shared runner; returns the summary (see convert.run_conversion)."""
+    cases, notes = find_cases(images, masks, prompts, options.dataset)
+    return run_conversion(
+        dataset=options.dataset,
+        out=out,
+        cases=cases[:limit] if limit is not None else cases,
+        convert=convert_case,
+        options=options,
+        version=VERSION,
+        workers=workers,
+        seed=seed,
+        fractions=fractions,
+        notes=notes,
+        unit="file",
+    )
+
+
 def import_folder(
     images: Path,
     masks: Path,
@@ -138,120 +309,46 @@ def import_folder(
     dataset: str = "custom",
     spacing: float = 1.0,
     seed: int = 0,
+    *,
+    workers: int = 1,
 ) -> tuple[list[StructureRecord], list[tuple[str, str]]]:
-    """Convert the folder; returns (records written for ``dataset``, [(skipped file, reason)])."""
-    images, masks, out = Path(images), Path(masks), Path(out)
-    rows, has_mask_column = read_prompts(prompts)
-    by_image: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        by_image[row["image"]].append(row)
-    records: list[StructureRecord] = []
-    skipped: list[tuple[str, str]] = []
-    unmatched: list[str] = []
-    used_ids: set[str] = set()
-    for image_name, image_rows in tqdm(sorted(by_image.items()), desc=f"import {dataset}", unit="image"):
-        try:
-            raw = read_array(images / image_name)
-            image = normalise_image(raw)
-        except BadFile as e:
-            skipped.append((str(images / image_name), str(e)))
-            continue
-        height, width = raw.shape[:2]
-        sample_id = safe_id(f"{dataset}_{Path(image_name).stem}")
-        while sample_id in used_ids:
-            sample_id += "_"
-        used_ids.add(sample_id)
-        sample_masks: dict[str, np.ndarray] = {}
-        kept_rows = []
-        for row in image_rows:
-            structure = safe_id(row["structure"])
-            if has_mask_column:
-                mask_path = masks / row["mask"] if row.get("mask") else None
-            else:
-                mask_path = find_mask(masks, image_name, row["structure"])
-                if mask_path is None:
-                    unmatched.append(f"{image_name}/{row['structure']}")
-            if mask_path is not None:
-                try:
-                    mask_raw = read_array(mask_path)
-                    if mask_raw.shape[:2] != (height, width):
-                        raise BadFile(
-                            f"mask size {mask_raw.shape[1]}x{mask_raw.shape[0]} != image size {width}x{height}"
-                        )
-                    mask = normalise_mask(mask_raw, mask_path.suffix.lower() in LOSSY_SUFFIXES)
-                except BadFile as e:
-                    skipped.append((str(mask_path), str(e)))
-                    continue
-                if mask.any():
-                    sample_masks[structure] = mask
-            kept_rows.append((structure, row))
-        if not kept_rows:
-            continue
-        image_rel, mask_rels = write_sample(out, sample_id, image, sample_masks)
-        present = sorted(mask_rels)
-        caption = (
-            f"{modality} image with {', '.join(s.replace('_', ' ') for s in present)}"
-            if present
-            else f"{modality} image without findings"
-        )
-        for structure, row in kept_rows:
-            phrasings = [p.strip() for p in row["prompt"].split("|") if p.strip()] or [row["structure"]]
-            records.append(
-                StructureRecord(
-                    sample_id=sample_id,
-                    subject_id=row.get("subject_id") or Path(image_name).stem,
-                    dataset=dataset,
-                    modality=modality,
-                    structure=structure,
-                    prompts=phrasings,
-                    image=image_rel,
-                    mask=mask_rels.get(structure),
-                    spacing_mm=(spacing * height / SIZE, spacing * width / SIZE),
-                    original_size=(height, width),
-                    source=str(Path(image_name)),
-                    caption=caption,
-                )
-            )
-    if unmatched:
-        listed = ", ".join(unmatched[:10]) + (" ..." if len(unmatched) > 10 else "")
-        print(f"{len(unmatched)} row(s) without a mask file in {masks} were stored as negatives: {listed}")
-    assign_splits(records, seed=seed, stratify_by="dataset")
-    others = [r for r in read_manifest(out) if r.dataset != dataset] if (out / "manifest.jsonl").is_file() else []
-    write_manifest(out, others + records)
-    return records, skipped
+    """Convert the folder; returns (records written for ``dataset``, [(skipped case, reason naming the file)])."""
+    options = FolderOptions(dataset=dataset, modality=modality, spacing=spacing)
+    summary = convert_folder(images, masks, prompts, out, options, workers=workers, seed=seed)
+    records = [r for r in read_manifest(out) if r.dataset == dataset]
+    return records, [(s["case"], s["reason"]) for s in summary["skipped"]]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=Path, required=True)
-    parser.add_argument("--masks", type=Path, required=True)
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the importer; returns the summary (see convert.run_conversion)."""
+    parser = base_parser("freqmedclip.data.folder", __doc__, "custom", root=False)
+    parser.add_argument("--images", type=Path, required=True, help="folder of the images named in prompts.csv")
+    parser.add_argument("--masks", type=Path, required=True, help="folder of the masks")
     parser.add_argument(
         "--prompts", type=Path, required=True, help="CSV: image, structure, prompt[, subject_id][, mask]"
     )
-    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--modality", default="unknown", help="free text, e.g. MRI, CT, MG, US")
-    parser.add_argument("--dataset", default="custom", help="dataset name used in tables and for sampling balance")
     parser.add_argument(
         "--spacing", type=float, default=1.0, help="source pixel spacing in mm (1.0 = distances in source pixels)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="split seed")
     args = parser.parse_args(argv)
-    records, skipped = import_folder(
-        args.images, args.masks, args.prompts, args.out, args.modality, args.dataset, args.spacing, args.seed
+    if not args.images.is_dir():
+        parser.error(f"--images {args.images} is not a directory")
+    if not args.prompts.is_file():
+        parser.error(f"--prompts {args.prompts} is not a file")
+    options = FolderOptions(dataset=args.dataset_name, modality=args.modality, spacing=args.spacing, size=args.size)
+    return convert_folder(
+        args.images,
+        args.masks,
+        args.prompts,
+        args.out,
+        options,
+        workers=args.workers,
+        seed=args.seed,
+        fractions=args.fractions,
+        limit=args.limit,
     )
-    n_pos, n_neg, n_images = (
-        sum(r.positive for r in records),
-        sum(not r.positive for r in records),
-        len({r.sample_id for r in records}),
-    )
-    print(f"converted {n_images} images, {len(records)} records ({n_pos} positive, {n_neg} negative) -> {args.out}")
-    for split in ("train", "val", "test"):
-        print(f"  {split}: {len({r.sample_id for r in records if r.split == split})} images")
-    if skipped:
-        print(f"skipped {len(skipped)} file(s):")
-        for path, reason in skipped:
-            print(f"  {path}: {reason}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
