@@ -23,7 +23,8 @@ import torch
 
 from .config import FreqMedCLIPConfig
 from .model import build_model, parameter_report
-from .predictor import autocast
+from . import precision
+from .precision import autocast
 
 
 def _sync(device: torch.device) -> None:
@@ -53,6 +54,7 @@ def device_name(device: torch.device) -> str:
 @torch.inference_mode()
 def run(preset: str, device_str: str, dtype: str, warmup: int = 5, repeats: int = 20) -> dict:
     device = torch.device(device_str)
+    dtype = precision.resolve(dtype, device)
     config = FreqMedCLIPConfig.from_preset(preset, frequency_weights="none")
     model = build_model(config, random_backbone=True, device=device).eval()
     prompt = ["enhancing tumour in the left hemisphere"]
@@ -102,6 +104,7 @@ def run(preset: str, device_str: str, dtype: str, warmup: int = 5, repeats: int 
         "preset": preset,
         "device": device_name(device),
         "dtype": dtype,
+        "cpu_bf16_instructions": precision.cpu_has_fast_bf16(),
         "torch": torch.__version__,
         "shapes": shapes,
         "params": parameter_report(model),
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=("mini", "full"), default="mini")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="auto: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")

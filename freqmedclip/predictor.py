@@ -7,7 +7,6 @@ the original size (bilinear, Section 3.2).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +17,7 @@ from PIL import Image
 
 from .checkpoint import load_ensemble
 from .model import ALL_ON, FreqMedCLIP, Switches
+from .precision import autocast, resolve
 from .preprocess import DEFAULT_MAX_PIXELS, normalize, resize_to, to_model_input, validate_image
 
 
@@ -41,20 +41,13 @@ class Prediction:
         return bool(self.mask.any())
 
 
-def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """bf16 / fp16 autocast on CPU (AMX) or CUDA; a no-op for fp32."""
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
-
-
 class Predictor:
     """Run FreqMedCLIP (one model or an ensemble sharing a backbone) on user images.
 
     Args:
         models: one model or several (an ensemble: probabilities are averaged).
         device: "cpu" or "cuda".
-        dtype: "fp32" or "bf16" (autocast; bf16 is fast on CPUs with AMX).
+        dtype: "fp32", "bf16", "fp16" or "auto" (bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32).
         threshold: probability at which a pixel belongs to the mask.
         max_pixels: images with more pixels are refused.
     """
@@ -64,10 +57,8 @@ class Predictor:
         self.models = [models] if isinstance(models, FreqMedCLIP) else list(models)
         if not self.models:
             raise ValueError("a Predictor needs at least one model")
-        if dtype not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = resolve(dtype, self.device)
         self.threshold = threshold
         self.max_pixels = max_pixels
         for model in self.models:

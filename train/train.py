@@ -32,7 +32,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +46,15 @@ from tqdm import tqdm
 
 from freqmedclip.backbone import ClipBackbone
 from freqmedclip.checkpoint import WEIGHTS, atomic_write, code_version, read_checkpoint_header, save_checkpoint
+from freqmedclip import precision
 from freqmedclip.config import PRESETS, VARIANTS, FreqMedCLIPConfig
 from freqmedclip.data.dataset import SegmentationDataset, sampling_weights
 from freqmedclip.losses import segmentation_loss
 from freqmedclip.metrics import dice
 from freqmedclip.model import FreqMedCLIP, build_model, parameter_report
+from freqmedclip.precision import autocast
 from train import distributed, state
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSS_TERMS = ("loss", "dice", "bce", "semantic_dice", "frequency_dice")
 
 
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--bce-weight", type=float, default=1.0, help="lambda")
     optim.add_argument("--alpha", type=float, default=0.4, help="semantic branch Dice weight")
     optim.add_argument("--beta", type=float, default=0.4, help="frequency branch Dice weight")
-    optim.add_argument("--amp", default="none", help=f"autocast dtype, one of {list(AMP_DTYPES)}")
+    optim.add_argument("--amp", default="none", help=f"autocast dtype, one of {list(precision.CHOICES)} "
+                       "(auto: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32)")
     optim.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: no clipping)")
     system = parser.add_argument_group("system")
     system.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
@@ -111,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{known.config}: unknown keys {unknown}")
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
-    for name, allowed in (("preset", PRESETS), ("variant", VARIANTS), ("amp", AMP_DTYPES)):
+    for name, allowed in (("preset", PRESETS), ("variant", VARIANTS), ("amp", precision.CHOICES)):
         if getattr(args, name) not in allowed:
             parser.error(f"--{name} {getattr(args, name)!r}: expected one of {list(allowed)}")
     if args.run_dir is None:
@@ -147,10 +149,6 @@ class DistributedWeightedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
-
-
-def autocast(device: torch.device, amp: str) -> AbstractContextManager:
-    return nullcontext() if amp == "none" else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 # ------------------------------------------------------------------------------------------------------- resume
@@ -261,7 +259,8 @@ def train(args: argparse.Namespace, command: list[str], rank: int, world: int, d
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.t_max)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    amp = precision.resolve(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     for row in parameter_report(model):
         log.info("  %-28s total %10d  trainable %10d", row["module"], row["total"], row["trainable"])
 
@@ -316,7 +315,7 @@ def train(args: argparse.Namespace, command: list[str], rank: int, world: int, d
             last = (i + 1) % args.grad_accum == 0 or i + 1 == n_batches
             image, mask = batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True)
             with ddp.no_sync() if world > 1 and not last else nullcontext():
-                with autocast(device, args.amp):
+                with autocast(device, amp):
                     output = ddp(image, batch["prompt"])
                 terms = segmentation_loss(output, mask, model.config.bce_weight, model.config.semantic_aux_weight,
                                           model.config.frequency_aux_weight)
@@ -364,7 +363,7 @@ def train(args: argparse.Namespace, command: list[str], rank: int, world: int, d
         progress["epoch"] = epoch + 1
         improved = False
         if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
-            row["val"] = evaluate(model, val_loader, val_names, device, args.amp)
+            row["val"] = evaluate(model, val_loader, val_names, device, amp)
             improved = row["val"]["dice"] > progress["best_dice"]
             if improved:
                 progress.update(best_dice=row["val"]["dice"], best_epoch=epoch + 1, bad_validations=0)

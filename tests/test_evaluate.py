@@ -1,0 +1,145 @@
+"""train/evaluate.py on a tiny non-square dataset: CSV, summary and tables; ensembles; CSV == metrics.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from freqmedclip import metrics
+from freqmedclip.checkpoint import load_ensemble, save_checkpoint
+from freqmedclip.config import FreqMedCLIPConfig
+from freqmedclip.data.dataset import SegmentationDataset
+from freqmedclip.data.format import StructureRecord, load_mask, write_manifest, write_sample
+from freqmedclip.model import build_model
+from freqmedclip.preprocess import resize_to
+from train import evaluate
+
+SHAPE = (96, 80)                 # stored grid != 224: the 224 prediction is resampled onto it
+SPACING = (0.9, 0.6)
+DOMAINS = {"alpha": ("CT", "blob", "bright blob"), "beta": ("MRI", "ring", "dark ring")}
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """2 datasets x 2 subjects x 1 image: 6 cases, 3 with the target present, 3 negative prompts."""
+    root = tmp_path_factory.mktemp("tiny-data")
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    records = []
+    for name, (modality, structure, prompt) in DOMAINS.items():
+        other = next(v for k, v in DOMAINS.items() if k != name)
+        for subject in range(2):
+            sample_id = f"{name}_{subject}"
+            radius = 8 + 6 * subject
+            mask = (rows - 40) ** 2 + (cols - 30 - 10 * subject) ** 2 < radius**2
+            image = (rng.random(SHAPE) * 60 + mask * 150).astype(np.uint8)
+            present = not (name == "beta" and subject == 1)
+            image_path, masks = write_sample(root, sample_id, image, {structure: mask} if present else {})
+            common = {"sample_id": sample_id, "subject_id": f"{name}_s{subject}", "dataset": name, "modality": modality,
+                      "image": image_path, "spacing_mm": SPACING, "original_size": SHAPE, "source": "", "split": "test"}
+            records.append(StructureRecord(structure=structure, prompts=[prompt], mask=masks.get(structure), **common))
+            if subject == 0:                                                  # a cross-dataset negative prompt
+                records.append(StructureRecord(structure=other[1], prompts=[other[2]], mask=None, **common))
+    write_manifest(root, records)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoints(mini_backbone, mini_backbone_dir, tmp_path_factory) -> list[Path]:
+    """Two untrained mini checkpoints (different seeds) on the session's mini backbone."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        config = FreqMedCLIPConfig.from_preset("mini", backbone=f"local-dir:{mini_backbone_dir}",
+                                               frequency_weights="none")
+        model = build_model(config, mini_backbone, load_frequency_weights=False)
+        dirs.append(save_checkpoint(root / f"seed{seed}", model, {"seed": seed}))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_dataset, checkpoints, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("eval")
+    result = evaluate.main(["--checkpoint", *map(str, checkpoints), "--name", "ens",
+                            "--runs", f"single={checkpoints[0]}", "--data", str(tiny_dataset), "--split", "test",
+                            "--out", str(out), "--device", "cpu", "--warmup", "0", "--n-boot", "200", "--save-masks"])
+    return out, result
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_outputs_cover_every_case_and_method(evaluated):
+    out, result = evaluated
+    for name in ("ens", "single"):
+        rows = read_rows(out / f"cases_{name}.csv")
+        assert list(rows[0]) == list(evaluate.CSV_COLUMNS)
+        assert len(rows) == 6 and {r["method"] for r in rows} == {name}
+        assert sum(r["positive"] == "True" for r in rows) == 3
+        assert all(r["gt_empty"] == str(r["positive"] == "False") for r in rows)
+    assert result["methods"]["ens"]["efficiency"]["members"] == 2
+    assert result["methods"]["single"]["efficiency"]["members"] == 1
+    assert result["table_structures"] == {"alpha": "blob", "beta": "ring"}
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["methods"].keys() == {"ens", "single"}
+    group = next(r for r in saved["summary_all"]
+                 if (r["method"], r["dataset"], r["structure"]) == ("ens", "alpha", "blob"))
+    assert group["n_cases"] == 2 and group["n_subjects"] == 2
+    assert group["dice_ci_lo"] <= group["dice_mean"] <= group["dice_ci_hi"]
+    check = saved["methods"]["ens"]["negative_prompt_check"]
+    assert check["n_gt_empty"] == 3 and 0.0 <= check["fraction"] <= 1.0
+    counts = saved["methods"]["ens"]["empty_cases"]
+    assert counts["n_cases"] == 6 and counts["n_gt_empty"] == 3
+    assert counts["n_one_empty"] == counts["n_missed"] + counts["n_false_alarm"]
+
+    tables = (out / "tables.md").read_text()
+    for title in ("Table 3", "Table 4", "Table 5", "Table 6", "Negative prompts", "Empty-mask cases"):
+        assert f"## {title}" in tables
+    assert "| ens |" in tables and "| single |" in tables and "NSD @ 2 mm" in tables
+
+
+def test_csv_numbers_equal_metrics_on_the_saved_masks(evaluated, tiny_dataset):
+    out, _ = evaluated
+    dataset = SegmentationDataset(tiny_dataset, "test", train=False)
+    by_key = {(r.sample_id, r.structure): r for r in dataset.records}
+    for row in read_rows(out / "cases_single.csv"):
+        record = by_key[(row["sample_id"], row["structure"])]
+        pred = np.asarray(Image.open(out / "masks" / "single" / f"{row['sample_id']}__{row['structure']}.png")) > 127
+        gt = load_mask(tiny_dataset, record)
+        assert pred.shape == gt.shape == SHAPE
+        expected = metrics.case_metrics(pred, gt, SPACING, 2.0)
+        for key, column in evaluate.METRIC_COLUMNS.items():
+            assert float(row[column]) == expected[key], (row["sample_id"], column)
+        assert float(row["pred_area"]) == pred.mean()
+        assert row["pred_empty"] == str(not pred.any())
+
+
+def test_ensemble_averages_member_probabilities(evaluated, tiny_dataset, checkpoints, mini_backbone):
+    out, _ = evaluated
+    dataset = SegmentationDataset(tiny_dataset, "test", train=False)
+    item, record = dataset[0], dataset.records[0]
+    models = load_ensemble(checkpoints, backbone=mini_backbone)
+    with torch.no_grad():
+        members = [torch.sigmoid(m(item["image"][None], [item["prompt"]]).logits) for m in models]
+    probability = torch.stack(members).mean(0)                                  # (1, 1, 224, 224)
+    expected = (resize_to(probability, SHAPE)[0, 0] >= 0.5).numpy()
+    saved = np.asarray(Image.open(out / "masks" / "ens" / f"{record.sample_id}__{record.structure}.png")) > 127
+    assert (saved != expected).sum() <= 2          # identical up to pixels at exactly p = 0.5 +- rounding
+    single = np.asarray(Image.open(out / "masks" / "single" / f"{record.sample_id}__{record.structure}.png")) > 127
+    assert (saved != single).any()                 # the second member changed the prediction
+
+
+def test_bad_runs_spec_is_refused(tiny_dataset, tmp_path):
+    with pytest.raises(SystemExit, match="NAME=DIR"):
+        evaluate.main(["--runs", "no-equals-sign", "--data", str(tiny_dataset), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="nothing to evaluate"):
+        evaluate.main(["--data", str(tiny_dataset), "--out", str(tmp_path)])

@@ -1,0 +1,140 @@
+"""Training throughput: forward + backward + AdamW step of FreqMedCLIP on random data, after warm-up.
+
+    python -m train.benchmark_train --preset mini|full --device cpu|cuda --dtype fp32|bf16 [--batch-size 8]
+        [--variant full] [--channels-last] [--compile] [--warmup 3] [--steps 10] --json PATH
+
+The CLIP backbone has random weights (speed does not depend on weight values; the full BiomedCLIP is not on every
+machine) and stays frozen, as in training; only the trainable modules get gradients and optimizer state. Prompts are
+encoded once before timing, as ``train/train.py`` does for its frozen text tower, so the compiled graph holds no
+tokenizer. Each step is timed on the wall clock (CUDA synchronised); the report gives the median step, images/s
+(= batch size / median step) and peak memory: CUDA ``max_memory_allocated`` since the model was built, or the
+process's peak resident set on CPU. The first steps are slow (oneDNN/cuDNN kernel selection, compilation) and are
+excluded by ``--warmup``. On CPUs without AMX/AVX512-BF16, bf16 autocast is slower than fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from freqmedclip.benchmark import device_name
+from freqmedclip.config import VARIANTS, FreqMedCLIPConfig
+from freqmedclip.losses import segmentation_loss
+from freqmedclip.model import build_model
+from freqmedclip.precision import autocast
+
+PROMPTS = ("whole tumour", "enhancing tumour", "peritumoral oedema", "tumour core", "breast mass",
+           "spiculated breast lesion", "lung nodule", "pulmonary nodule on chest CT")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_batch(batch_size: int, image_size: int, device: torch.device, generator: torch.Generator,
+                 channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (B, 3, S, S) in [0, 1] and masks (B, 1, S, S) of random discs (some empty, as negative prompts)."""
+    images = torch.rand(batch_size, 3, image_size, image_size, generator=generator)
+    rows, cols = torch.meshgrid(torch.arange(image_size), torch.arange(image_size), indexing="ij")
+    centres = torch.rand(batch_size, 2, generator=generator) * image_size
+    radii = torch.rand(batch_size, generator=generator) * image_size / 6 * (torch.arange(batch_size) % 4 != 3)
+    masks = ((rows - centres[:, :1, None]) ** 2 + (cols - centres[:, 1:, None]) ** 2 < radii[:, None, None] ** 2)
+    images, masks = images.to(device), masks[:, None].float().to(device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, masks
+
+
+def run(preset: str, variant: str, device_str: str, dtype: str, batch_size: int, channels_last: bool = False,
+        compile_model: bool = False, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
+    """Benchmark one configuration; returns the report as a dict (see module docstring)."""
+    device = torch.device(device_str)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True          # constant shapes: pick the fastest conv algorithms once
+    config = FreqMedCLIPConfig.from_preset(preset, variant, frequency_weights="none")
+    model = build_model(config, random_backbone=True, device=device).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    images, masks = random_batch(batch_size, config.image_size, device, generator, channels_last)
+    text = model.text([PROMPTS[i % len(PROMPTS)] for i in range(batch_size)])    # frozen tower: encoded once
+    forward = torch.compile(model) if compile_model else model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            output = forward(images, text)
+        loss = segmentation_loss(output, masks, config.bce_weight, config.semantic_aux_weight,
+                                 config.frequency_aux_weight).total
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    losses = [step() for _ in range(warmup)]
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        losses.append(step())                       # .item() synchronises; _sync covers the optimizer kernels
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak_mb, memory_kind = torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max_memory_allocated"
+    else:
+        peak_mb, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+    median = statistics.median(times)
+    return {
+        "preset": preset, "variant": variant, "device": device_name(device), "dtype": dtype,
+        "batch_size": batch_size, "channels_last": channels_last, "compile": compile_model,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "warmup_steps": warmup, "timed_steps": steps,
+        "step_ms_median": round(median * 1000, 2), "step_ms_mean": round(statistics.fmean(times) * 1000, 2),
+        "step_ms_sd": round(statistics.stdev(times) * 1000, 2) if len(times) > 1 else 0.0,
+        "images_per_s": round(batch_size / median, 3),
+        "peak_memory_mb": round(peak_mb, 1), "peak_memory_kind": memory_kind,
+        "loss_first": losses[0], "loss_last": losses[-1],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=("mini", "full"), default="mini")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="full")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compilation is warm-up)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", type=Path, help="also write the report to this JSON file")
+    args = parser.parse_args(argv)
+    result = run(args.preset, args.variant, args.device, args.dtype, args.batch_size, args.channels_last,
+                 args.compile, args.warmup, args.steps)
+    print(f"FreqMedCLIP-{result['preset']} ({result['variant']}) training on {result['device']}, {result['dtype']}, "
+          f"batch {result['batch_size']}{', channels_last' if args.channels_last else ''}"
+          f"{', compiled' if args.compile else ''}: {result['step_ms_median']:.1f} ms/step (median of "
+          f"{result['timed_steps']}), {result['images_per_s']:.2f} images/s, peak {result['peak_memory_mb']:.0f} MiB "
+          f"({result['peak_memory_kind']})")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
