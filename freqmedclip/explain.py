@@ -2,10 +2,11 @@
 
 Notable choices:
 * Grad-CAM uses plain hooks on the model's named taps (``semantic_tap`` on S1, ``frequency_tap`` on F3, both
-  14x14 and both trainable-path tensors), so one forward and one backward give both maps. The target is the
-  sum of the fused logits inside the predicted region (the whole image if nothing is predicted).
-* Hooks live on shared modules, so explanation calls are serialised by a lock: concurrent requests of a
-  server can never see each other's activations.
+  14x14 and both trainable-path tensors), so one forward and one backward give both maps. The backward asks for
+  the taps' gradients only (``torch.autograd.grad``): it stops at the taps and touches no parameter's ``.grad``.
+  The target is the sum of the fused logits inside the predicted region (the whole image if nothing is predicted).
+* Hooks live on shared modules, so registering them and the forward are serialised by a lock: concurrent
+  requests of a server can never see each other's activations.
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ def stream_gradcam(model: FreqMedCLIP, image: Tensor, prompt: str, switches: Swi
     def keep(name: str):
         def hook(module, inputs, output):
             if output.requires_grad:  # a switched-off stream's tap carries constant zeros: no map
-                output.retain_grad()
                 activations[name] = output
         return hook
 
@@ -70,18 +70,21 @@ def stream_gradcam(model: FreqMedCLIP, image: Tensor, prompt: str, switches: Swi
             with torch.enable_grad():
                 # The image needs a gradient so that even a fully frozen semantic path (no TCA) builds a graph.
                 output = model(image.detach().clone().requires_grad_(True), [prompt], switches=switches)
-                logits = output.logits
-                region = (logits.detach() > 0).float()
-                if region.sum() == 0:
-                    region = torch.ones_like(region)
-                model.zero_grad(set_to_none=True)
-                (logits * region).sum().backward()
         finally:
             for handle in handles:
                 handle.remove()
+    if not activations:
+        return StreamCAMs(None, None)
+    logits = output.logits
+    region = (logits.detach() > 0).float()
+    if region.sum() == 0:
+        region = torch.ones_like(region)
+    # Gradients to the taps only: autograd runs just the decoders and the fusion (never the encoders) and
+    # leaves no .grad on any parameter.
+    gradients = torch.autograd.grad((logits * region).sum(), list(activations.values()), allow_unused=True)
     size = tuple(image.shape[-2:])
-    maps = {name: (_normalised_cam(a, a.grad, size) if a.grad is not None else None) for name, a in activations.items()}
-    model.zero_grad(set_to_none=True)
+    maps = {name: (_normalised_cam(a, g, size) if g is not None else None)
+            for (name, a), g in zip(activations.items(), gradients, strict=True)}
     return StreamCAMs(maps.get("semantic"), maps.get("frequency"))
 
 

@@ -6,21 +6,10 @@ import numpy as np
 import pytest
 import pywt
 import torch
+from _demo_support import decisive_model
 
-from freqmedclip.config import FreqMedCLIPConfig
 from freqmedclip.explain import ffbi_attention, stream_gradcam, wavelet_bands
-from freqmedclip.model import Switches, build_model
-
-
-def _model(backbone, variant="full", seed=0):
-    torch.manual_seed(seed)
-    config = FreqMedCLIPConfig.from_preset("mini", variant, backbone=backbone.source, frequency_weights="none")
-    model = build_model(config, backbone)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(torch.randn_like(parameter) * 0.05)
-    return model.eval()
+from freqmedclip.model import Switches
 
 
 def test_wavelet_bands_are_what_the_encoder_sees():
@@ -37,7 +26,7 @@ def test_wavelet_bands_are_what_the_encoder_sees():
     ("full", True, True), ("no_tca", True, True), ("semantic_only", True, False), ("frequency_only", False, True),
 ])
 def test_stream_gradcam_gives_one_normalised_map_per_stream(mini_backbone, variant, has_semantic, has_frequency):
-    model = _model(mini_backbone, variant)
+    model = decisive_model(mini_backbone, variant=variant)
     image = torch.rand(1, 3, 224, 224)
     cams = stream_gradcam(model, image, "whole tumour")
     for cam, present in ((cams.semantic, has_semantic), (cams.frequency, has_frequency)):
@@ -49,7 +38,7 @@ def test_stream_gradcam_gives_one_normalised_map_per_stream(mini_backbone, varia
 
 
 def test_ffbi_attention_rows_are_distributions(mini_backbone):
-    model = _model(mini_backbone)
+    model = decisive_model(mini_backbone)
     maps = ffbi_attention(model, torch.rand(1, 3, 224, 224), "mass", row=3, col=11)
     for attention in maps:
         assert attention.shape == (14, 14) and (attention >= 0).all()
@@ -57,11 +46,11 @@ def test_ffbi_attention_rows_are_distributions(mini_backbone):
     with pytest.raises(ValueError, match="outside"):
         ffbi_attention(model, torch.rand(1, 3, 224, 224), "mass", row=14, col=0)
     with pytest.raises(ValueError, match="no FFBI"):
-        ffbi_attention(_model(mini_backbone, "no_ffbi"), torch.rand(1, 3, 224, 224), "mass", 0, 0)
+        ffbi_attention(decisive_model(mini_backbone, variant="no_ffbi"), torch.rand(1, 3, 224, 224), "mass", 0, 0)
 
 
 def test_switches_change_exactly_their_component(mini_backbone):
-    model = _model(mini_backbone)
+    model = decisive_model(mini_backbone)
     image = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         full = model(image, ["oedema"])

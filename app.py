@@ -1,0 +1,215 @@
+"""FreqMedCLIP demo (Gradio 6): a thin view over :mod:`freqmedclip.demo`, which holds all the logic.
+
+    python app.py [--checkpoint DIR ...] [--backbone local-dir:PATH|hf-hub:ID] [--device cpu|cuda] [--port N]
+                  [--max-upload-mb N] [--max-pixels N]
+
+API: ``Client(url).predict(handle_file("scan.dcm"), "lung nodule", api_name="/segment")`` -> (mask PNG,
+overlay PNG, info dict).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from functools import wraps  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from freqmedclip.demo import (  # noqa: E402
+    CONTROL_PROMPT,
+    MAX_PROMPTS,
+    DemoSession,
+    SetupError,
+    Workbench,
+    load_examples,
+    load_session,
+)
+from freqmedclip.demo_io import AUTO_WINDOW, AXIS_NAMES, WINDOW_CHOICES, Limits, LoadedImage  # noqa: E402
+from freqmedclip.model import Switches  # noqa: E402
+from freqmedclip.predictor import Predictor  # noqa: E402
+from freqmedclip.preprocess import DEFAULT_MAX_PIXELS, MODALITIES, InputError  # noqa: E402
+from freqmedclip.text import PromptError  # noqa: E402
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
+ALTERNATIVE_PROMPTS = ("lesion", "normal tissue", "background")
+BANDS = {"LL": "LL: local mean", "LH": "LH: horizontal edges", "HL": "HL: vertical edges", "HH": "HH: diagonal detail"}
+PRIVATE = {"api_visibility": "private"}  # UI events; the one public endpoint is /segment
+
+
+def readable(fn: Callable) -> Callable:
+    """Show bad uploads and prompts as a message in the UI (the server keeps serving)."""
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (InputError, PromptError) as error:
+            raise gr.Error(str(error)) from error
+    return wrapper
+
+
+def bench_outputs(bench: Workbench | None) -> tuple:
+    """Workbench -> (gallery, IoU table, per-prompt table, summary)."""
+    if bench is None:
+        return [], None, None, "Add prompts to the workbench (one per line) to compare them."
+    tables = [pd.DataFrame(rows, columns=headers) for headers, rows in (bench.iou_rows(), bench.stats_rows())]
+    return bench.gallery, *tables, bench.summary()
+
+
+def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
+    """The UI around a session (tests inject one built from small models)."""
+    session = session if isinstance(session, DemoSession) else DemoSession(session)
+
+    @readable
+    def load(file: str | None, modality: str, window: str, slice_index: float | None, axis: str) -> tuple:
+        if not file:
+            return None, "", gr.Slider(visible=False), None
+        index = None if slice_index is None else int(slice_index)
+        loaded = session.load(file, modality, window, index, AXIS_NAMES.index(axis))
+        slider = gr.Slider(maximum=max(loaded.n_slices - 1, 1), value=loaded.slice_index, visible=loaded.n_slices > 1)
+        return session.view(loaded), loaded.describe(), slider, loaded
+
+    @readable
+    def run(loaded: LoadedImage | None, prompt: str, bench_text: str, control: str, threshold: float,
+            frequency: bool, ffbi: bool, film: bool, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
+        p = session.update(loaded, prompt, threshold=threshold, switches=Switches(frequency, ffbi, film),
+                           workbench_prompts=bench_text, control=control,
+                           progress=lambda fraction, message: progress(fraction, desc=message))
+        return ((p.view, [(p.mask_view.astype("float32"), " ".join(prompt.split()))]), p.verdict, p.probability,
+                p.uncertainty, p.cam_semantic, p.cam_frequency, *(p.subbands[band] for band in BANDS),
+                p.branches.get("semantic"), p.branches.get("frequency"), *bench_outputs(p.workbench),
+                [str(path) for path in p.exports], " · ".join(f"{k} {v:.0f} ms" for k, v in p.timings_ms.items()))
+
+    @readable
+    def compare(loaded: LoadedImage | None, bench_text: str, control: str, threshold: float, frequency: bool,
+                ffbi: bool, film: bool) -> tuple:
+        return bench_outputs(session.workbench(loaded, bench_text, control, threshold, Switches(frequency, ffbi, film)))
+
+    @readable
+    def explore(loaded: LoadedImage | None, prompt: str, evt: gr.SelectData) -> tuple:
+        return session.explore(loaded, prompt, *evt.index[:2])
+
+    @readable
+    def segment(file: str, prompt: str) -> tuple:
+        return session.segment(file, prompt)
+
+    def image(label: str, elem_id: str) -> gr.Image:
+        return gr.Image(label=label, format="png", elem_id=elem_id)
+
+    with gr.Blocks(title="FreqMedCLIP", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown("# FreqMedCLIP: text-guided segmentation with a semantic and a frequency stream\n"
+                    f"{session.n_members} checkpoint(s). Upload PNG, JPEG, TIFF, DICOM or NIfTI, type what to "
+                    "segment, press **Segment**. Click the input image to explore FFBI attention.")
+        state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1):
+                file = gr.File(label="Image (PNG, JPEG, TIFF, DICOM, NIfTI)", type="filepath")
+                preview = gr.Image(label="Input as the model sees it (click: FFBI explorer)", interactive=False,
+                                   format="png", elem_id="input-preview")
+                info = gr.Markdown(elem_id="input-info")
+                with gr.Row():
+                    modality = gr.Dropdown(list(MODALITIES), value="auto", label="Modality")
+                    window = gr.Dropdown(list(WINDOW_CHOICES), value=AUTO_WINDOW, label="CT window")
+                axis = gr.Radio(list(AXIS_NAMES), value=AXIS_NAMES[2], label="NIfTI axis")
+                slice_index = gr.Slider(0, 1, step=1, label="Slice / frame", visible=False)
+                prompt = gr.Textbox(label="Prompt", value="whole tumour", elem_id="prompt")
+                threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Mask threshold")
+                with gr.Row():
+                    switches = [gr.Checkbox(True, label=name) for name in ("Frequency stream", "FFBI", "FiLM")]
+                run_button = gr.Button("Segment", variant="primary", elem_id="segment-button")
+            with gr.Column(scale=2):
+                with gr.Tab("Segmentation"):
+                    verdict = gr.Markdown(elem_id="verdict")
+                    with gr.Row():
+                        overlay = gr.AnnotatedImage(label="Fused mask", format="png", elem_id="fused-mask")
+                        probability = image("Fused probability σ(L)", "probability")
+                        uncertainty = image("Ensemble spread (≥ 2 checkpoints)", "uncertainty")
+                    exports = gr.File(label="Mask (PNG; NIfTI for NIfTI/DICOM inputs)", file_count="multiple",
+                                      height=140, elem_id="exports")
+                    timing = gr.Markdown(elem_id="timing")
+                with gr.Tab("Explanations"):
+                    with gr.Row():
+                        cams = [image("Grad-CAM, semantic stream (S1)", "cam-semantic"),
+                                image("Grad-CAM, frequency stream (F3)", "cam-frequency")]
+                    with gr.Row():
+                        branches = [image("Semantic branch σ(L_s)", "branch-semantic"),
+                                    image("Frequency branch σ(L_f)", "branch-frequency")]
+                    gr.Markdown("Haar sub-bands the frequency encoder sees (detail bands share one colour scale)")
+                    with gr.Row():
+                        subbands = [image(label, f"band-{band}") for band, label in BANDS.items()]
+                with gr.Tab("Prompt workbench"):
+                    bench_text = gr.Textbox(label=f"Prompts (one per line, at most {MAX_PROMPTS})", lines=4,
+                                            value="\n".join(["whole tumour", *ALTERNATIVE_PROMPTS]))
+                    control = gr.Textbox(label="Control (nonsense) prompt", value=CONTROL_PROMPT)
+                    compare_button = gr.Button("Compare prompts")
+                    reliance = gr.Markdown(elem_id="reliance")
+                    bench_gallery = gr.Gallery(label="Masks", columns=4, format="png", elem_id="bench-masks")
+                    iou, stats = gr.Dataframe(label="Pairwise IoU", elem_id="iou"), gr.Dataframe(label="Per prompt",
+                                                                                                  elem_id="stats")
+                with gr.Tab("FFBI explorer"):
+                    explore_caption = gr.Markdown("Click a location on the input image.", elem_id="ffbi-caption")
+                    with gr.Row():
+                        attention = [image("semantic token → frequency stream", "ffbi-to-frequency"),
+                                     image("frequency token → semantic stream", "ffbi-to-semantic")]
+        rows = [[path, text, "\n".join([text, *ALTERNATIVE_PROMPTS])] for path, text in load_examples(EXAMPLES_DIR)]
+        gr.Examples(rows, inputs=[file, prompt, bench_text], cache_examples=False, label="Examples")
+
+        load_inputs, load_outputs = [file, modality, window, slice_index, axis], [preview, info, slice_index, state]
+        for trigger in (file.change, axis.input):  # a new file or axis starts at the middle slice
+            trigger(lambda *a: load(*a[:3], None, a[4]), load_inputs, load_outputs, **PRIVATE)
+        for trigger in (modality.input, window.input, slice_index.release):
+            trigger(load, load_inputs, load_outputs, **PRIVATE)
+        run_button.click(run, [state, prompt, bench_text, control, threshold, *switches],
+                         [overlay, verdict, probability, uncertainty, *cams, *subbands, *branches, bench_gallery, iou,
+                          stats, reliance, exports, timing], **PRIVATE)
+        compare_button.click(compare, [state, bench_text, control, threshold, *switches],
+                             [bench_gallery, iou, stats, reliance], **PRIVATE)
+        preview.select(explore, [state, prompt], [*attention, explore_caption], **PRIVATE)
+
+        api_inputs = [gr.File(label="image", visible=False), gr.Textbox(label="prompt", visible=False)]
+        api_outputs = [gr.Image(label=name, visible=False, format="png") for name in ("mask", "overlay")]
+        gr.Button(visible=False).click(segment, api_inputs, [*api_outputs, gr.JSON(label="info", visible=False)],
+                                       api_name="segment",
+                                       api_description="(image file, prompt) -> mask PNG (0/255), overlay PNG, info")
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="FreqMedCLIP Gradio demo")
+    parser.add_argument("--checkpoint", nargs="+", default=os.environ.get("FREQMEDCLIP_CHECKPOINT", "").split() or None,
+                        help="checkpoint folders or hf-hub:OWNER/REPO/SUBFOLDER (an ensemble); default: "
+                             "$FREQMEDCLIP_CHECKPOINT (space-separated), else assets/checkpoints/*/")
+    parser.add_argument("--backbone", default=os.environ.get("FREQMEDCLIP_BACKBONE"),
+                        help="local-dir:PATH | hf-hub:ID (default: $FREQMEDCLIP_BACKBONE, else the checkpoints')")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--port", type=int, default=None, help="default: 7860 or $GRADIO_SERVER_PORT")
+    parser.add_argument("--max-upload-mb", type=float, default=Limits.max_upload_mb)
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument("--concurrency", type=int, default=2,
+                        help="requests handled at once (model work is serialised)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    limits = Limits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels)
+    try:
+        session = load_session(args.checkpoint, args.backbone, args.device, args.dtype, limits)
+    except SetupError as error:
+        sys.exit(f"FreqMedCLIP demo cannot start:\n{error}")
+    demo = build_demo(session)
+    demo.queue(default_concurrency_limit=args.concurrency)
+    demo.launch(server_port=args.port, allowed_paths=[str(EXAMPLES_DIR)], max_file_size=int(args.max_upload_mb * 2**20),
+                show_error=True, ssr_mode=False, footer_links=["api", "gradio"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Paper figures from checkpoints and a dataset root, as PNG and PDF (matplotlib, Agg, no display).
+
+    python -m freqmedclip.figures --checkpoint DIR [DIR ...] --data DIR --out DIR [--baseline DIR [DIR ...]]
+                                  [--split test] [--per-dataset 1] [--backbone local-dir:PATH|hf-hub:ID]
+
+* Fig. 2 (``fig2_qualitative``): per dataset (rows), ground-truth contour in green, ours (the ensemble mean
+  mask) in red and the baseline in blue, with each case's Dice in the title.
+* Fig. 3 (``fig3_activations``): per dataset, the image, the Grad-CAM of the semantic stream (S1), of the
+  frequency stream (F3), and the fused probability sigma(L), all for the same prompt.
+
+Cases are positive records (the structure is present) of ``--split`` (any split when a dataset has none there),
+drawn with ``--seed`` from the records sorted by sample id, so a rerun picks the same cases. ``figures.json``
+lists them with their Dice. Images go through the Predictor exactly as in the demo (8-bit: / 255).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from .checkpoint import atomic_write, load_ensemble
+from .data.format import StructureRecord, load_image, load_mask, read_manifest
+from .demo import ensemble_gradcam
+from .demo_render import resize_map
+from .metrics import dice
+from .predictor import Predictor
+
+GT_COLOUR, OURS_COLOUR, BASELINE_COLOUR = "#00c800", "#e61e1e", "#2860ff"
+
+
+def select_cases(records: Sequence[StructureRecord], split: str, per_dataset: int,
+                 seed: int) -> dict[str, list[StructureRecord]]:
+    """Up to ``per_dataset`` positive records per dataset, deterministic for a seed."""
+    by_dataset: dict[str, list[StructureRecord]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: r.sample_id + "/" + r.structure):
+        if record.positive:
+            by_dataset[record.dataset].append(record)
+    chosen = {}
+    for dataset in sorted(by_dataset):
+        pool = [r for r in by_dataset[dataset] if r.split == split] or by_dataset[dataset]
+        rng = np.random.default_rng([seed, len(chosen)])
+        picks = sorted(rng.choice(len(pool), size=min(per_dataset, len(pool)), replace=False))
+        chosen[dataset] = [pool[i] for i in picks]
+    return chosen
+
+
+def _save(figure: Figure, out: Path, name: str) -> list[Path]:
+    paths = []
+    for suffix in (".png", ".pdf"):
+        path = out / f"{name}{suffix}"
+        atomic_write(path, lambda tmp, suffix=suffix: figure.savefig(tmp, format=suffix[1:], dpi=200,
+                                                                    bbox_inches="tight"))
+        paths.append(path)
+    return paths
+
+
+def _contour(axis, mask: np.ndarray, colour: str, width: float = 1.4) -> None:
+    if mask.any():
+        axis.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=width)
+
+
+def figure_qualitative(cases: list[dict], has_baseline: bool, columns: int) -> Figure:
+    """Fig. 2: rows = datasets, columns = cases; contours GT green, ours red, baseline blue."""
+    datasets = list(dict.fromkeys(case["dataset"] for case in cases))
+    figure = Figure(figsize=(2.6 * columns, 2.8 * len(datasets) + 0.4))
+    axes = figure.subplots(len(datasets), columns, squeeze=False)
+    for axis in axes.flat:
+        axis.set_axis_off()
+    for row, dataset in enumerate(datasets):
+        for column, case in enumerate(c for c in cases if c["dataset"] == dataset):
+            axis = axes[row, column]
+            axis.imshow(case["image"], cmap="gray")
+            _contour(axis, case["gt"], GT_COLOUR)
+            _contour(axis, case["ours"], OURS_COLOUR)
+            title = f"{dataset}: {case['prompt']}\nDice ours {case['dice_ours']:.2f}"
+            if has_baseline:
+                _contour(axis, case["baseline"], BASELINE_COLOUR)
+                title += f" | baseline {case['dice_baseline']:.2f}"
+            axis.set_title(title, fontsize=8)
+    handles = [Line2D([], [], color=GT_COLOUR, label="ground truth"),
+               Line2D([], [], color=OURS_COLOUR, label="FreqMedCLIP")]
+    if has_baseline:
+        handles.append(Line2D([], [], color=BASELINE_COLOUR, label="baseline"))
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=8)
+    figure.subplots_adjust(bottom=0.4 / (2.8 * len(datasets) + 0.4) + 0.02)
+    return figure
+
+
+def figure_activations(cases: list[dict]) -> Figure:
+    """Fig. 3: rows = datasets; image, semantic Grad-CAM, frequency Grad-CAM, fused sigma(L); colour bars below."""
+    titles = ("image", "semantic stream\n(Grad-CAM on S1)", "frequency stream\n(Grad-CAM on F3)", "fused\nσ(L)")
+    colormaps = (None, "jet", "jet", "viridis")
+    figure = Figure(figsize=(10.4, 2.6 * len(cases) + 0.6))
+    grid = figure.add_gridspec(len(cases) + 1, 4, height_ratios=[1.0] * len(cases) + [0.06], hspace=0.08,
+                               wspace=0.04)
+    for row, case in enumerate(cases):
+        maps = (None, case["cam_semantic"], case["cam_frequency"], case["probability"])
+        for column in range(4):
+            axis = figure.add_subplot(grid[row, column])
+            axis.set_axis_off()
+            axis.imshow(case["image"], cmap="gray")
+            if maps[column] is not None:
+                axis.imshow(maps[column], cmap=colormaps[column], vmin=0, vmax=1, alpha=0.5)
+            if row == 0:
+                axis.set_title(titles[column], fontsize=9)
+            if column == 0:
+                axis.text(-0.04, 0.5, f"{case['dataset']}: {case['prompt']}", transform=axis.transAxes,
+                          rotation=90, va="center", ha="right", fontsize=8)
+    for column in range(1, 4):
+        scale = ScalarMappable(Normalize(0, 1), colormaps[column])
+        figure.colorbar(scale, cax=figure.add_subplot(grid[len(cases), column]), orientation="horizontal",
+                        ticks=[0.0, 0.5, 1.0])
+    return figure
+
+
+def render_figures(predictor: Predictor, baseline: Predictor | None, root: Path, out: Path, split: str = "test",
+                   per_dataset: int = 1, seed: int = 0) -> dict:
+    """Predict the selected cases, write Fig. 2 and Fig. 3 (PNG + PDF) and figures.json to ``out``."""
+    chosen = select_cases(read_manifest(root), split, per_dataset, seed)
+    if not chosen:
+        raise ValueError(f"{root} has no positive record (a structure present in an image) to show")
+    cases = []
+    for dataset, records in chosen.items():
+        for record in records:
+            image, gt = load_image(root, record), load_mask(root, record)
+            prompt = record.prompts[0]
+            ours = predictor.predict(image, prompt)
+            case = {"dataset": dataset, "sample_id": record.sample_id, "structure": record.structure,
+                    "prompt": prompt, "image": image, "gt": gt, "ours": ours.mask, "probability": ours.probability,
+                    "dice_ours": dice(ours.mask, gt)}
+            if baseline is not None:
+                case["baseline"] = baseline.predict(image, prompt).mask
+                case["dice_baseline"] = dice(case["baseline"], gt)
+            cases.append(case)
+    first = [next(c for c in cases if c["dataset"] == d) for d in chosen]
+    for case in first:
+        tensor, size = predictor.prepare(case["image"])
+        semantic, frequency = ensemble_gradcam(predictor.models, tensor, case["prompt"])
+        case["cam_semantic"], case["cam_frequency"] = (None if m is None else resize_map(m.astype(np.float32), size)
+                                                       for m in (semantic, frequency))
+    out.mkdir(parents=True, exist_ok=True)
+    files = _save(figure_qualitative(cases, baseline is not None, per_dataset), out, "fig2_qualitative")
+    files += _save(figure_activations(first), out, "fig3_activations")
+    keys = ("dataset", "sample_id", "structure", "prompt", "dice_ours", "dice_baseline")
+    summary = {"cases": [{k: case[k] for k in keys if k in case} for case in cases],
+               "files": [str(f) for f in files], "checkpoints": len(predictor.models), "split": split}
+    atomic_write(out / "figures.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", nargs="+", required=True, help="FreqMedCLIP checkpoint folders (ensemble)")
+    parser.add_argument("--baseline", nargs="+", default=None, help="checkpoint folders of the baseline (blue)")
+    parser.add_argument("--data", type=Path, required=True, help="dataset root (manifest.jsonl, images/, masks/)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--per-dataset", type=int, default=1, help="cases per dataset in Fig. 2")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone", default=None, help="local-dir:PATH | hf-hub:ID (default: the checkpoints')")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    from .backbone import load_clip_backbone
+
+    backbone = load_clip_backbone(args.backbone) if args.backbone else None
+    models = load_ensemble(args.checkpoint, backbone, device=args.device)
+    predictor = Predictor(models, device=args.device)
+    baseline = None
+    if args.baseline:
+        baseline = Predictor(load_ensemble(args.baseline, backbone or models[0].clip_backbone, device=args.device),
+                             device=args.device)
+    summary = render_figures(predictor, baseline, args.data, args.out, args.split, args.per_dataset, args.seed)
+    for case in summary["cases"]:
+        print(f"{case['dataset']:8s} {case['sample_id']} {case['prompt']!r}: Dice ours {case['dice_ours']:.3f}"
+              + (f", baseline {case['dice_baseline']:.3f}" if "dice_baseline" in case else ""))
+    print("\n".join(summary["files"]))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

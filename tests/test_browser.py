@@ -1,0 +1,123 @@
+"""One real-browser test: headless Chromium (Debian's chromium + chromedriver, driven by selenium) opens the
+demo, runs an example, checks that every panel renders, and takes a screenshot (into the test's tmp dir, or to the
+path in ``$FREQMEDCLIP_SCREENSHOT``, e.g. ``assets/screenshot.png`` when refreshing the README's picture)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _demo_support import decisive_model, write_nifti
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+    pytest.skip("needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver); "
+                ".ci/run installs them with apt-get", allow_module_level=True)
+webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (requirements.txt)")
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+import app  # noqa: E402
+from freqmedclip.predictor import Predictor  # noqa: E402
+
+SCREENSHOT_TARGET = os.environ.get("FREQMEDCLIP_SCREENSHOT")
+FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+         "--window-size=1600,1300")
+
+
+@pytest.fixture(scope="module")
+def url(mini_backbone):
+    demo = app.build_demo(Predictor([decisive_model(mini_backbone, seed) for seed in (0, 1)]))
+    demo.queue(default_concurrency_limit=2)
+    _, address, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True,
+                                allowed_paths=[str(app.EXAMPLES_DIR)])
+    yield address
+    demo.close()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (*FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+def _shown(driver, selector: str) -> list:
+    """Displayed elements matching a CSS selector whose images (if any) have really loaded."""
+    found = [e for e in driver.find_elements(By.CSS_SELECTOR, selector) if e.is_displayed()]
+    return [e for e in found if e.tag_name != "img" or (e.get_property("naturalWidth") or 0) > 0]
+
+
+def _wait_for(driver, selector: str, count: int = 1, timeout: float = 90.0) -> list:
+    def ready(d):
+        errors = [e.text for e in d.find_elements(By.CSS_SELECTOR, ".toast-body") if e.text.strip()]
+        assert not errors, f"the app showed an error: {errors}"
+        return len(_shown(d, selector)) >= count
+    WebDriverWait(driver, timeout, poll_frequency=0.25).until(ready, f"{count} x {selector} never rendered")
+    return _shown(driver, selector)
+
+
+def _tab(driver, name: str) -> None:
+    buttons = [b for b in driver.find_elements(By.XPATH, f"//button[@role='tab' and normalize-space()='{name}']")
+               if b.is_displayed()]
+    buttons[0].click()
+
+
+def test_page_runs_an_example_and_every_panel_renders(url, browser, tmp_path):
+    start = time.perf_counter()
+    browser.get(url)
+    row = WebDriverWait(browser, 90).until(lambda d: [e for e in d.find_elements(
+        By.XPATH, "//tr[.//*[contains(text(), 'brain_whole_tumour.png')]]") if e.is_displayed()])[0]
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", row)
+    row.click()
+    preview = _wait_for(browser, "#input-preview img")[0]
+    assert "PNG 224x224" in browser.find_element(By.ID, "input-info").text
+    browser.execute_script("window.scrollTo(0, 0);")
+    browser.find_element(By.ID, "segment-button").click()
+
+    for selector in ("#fused-mask img", "#probability img", "#uncertainty img"):
+        _wait_for(browser, selector)
+    verdict = browser.find_element(By.ID, "verdict").text
+    assert verdict.startswith(("Found", "No target found")) and "2 checkpoints" in verdict
+    _wait_for(browser, "#exports a")
+    assert "_mask-" in browser.find_element(By.ID, "exports").text                  # the PNG mask to download
+    assert "total" in browser.find_element(By.ID, "timing").text
+    screenshot = Path(SCREENSHOT_TARGET) if SCREENSHOT_TARGET else tmp_path / "screenshot.png"
+    tmp = screenshot.with_name(f".{screenshot.name}.{os.getpid()}.png")
+    browser.save_screenshot(str(tmp))
+    shutil.move(tmp, screenshot)
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    _tab(browser, "Explanations")
+    for selector in ("#cam-semantic img", "#cam-frequency img", "#branch-semantic img", "#branch-frequency img",
+                     *(f"#band-{band} img" for band in ("LL", "LH", "HL", "HH"))):
+        _wait_for(browser, selector)
+
+    _tab(browser, "Prompt workbench")
+    _wait_for(browser, "#bench-masks img", count=5)                       # 4 prompts + the control
+    assert "Text reliance" in _wait_for(browser, "#reliance")[0].text
+    assert "control: a purple elephant" in _wait_for(browser, "#iou table")[0].text
+    assert "mean p in mask" in _wait_for(browser, "#stats table")[0].text
+
+    _tab(browser, "FFBI explorer")
+    ActionChains(browser).move_to_element_with_offset(preview, 30, -40).click().perform()
+    WebDriverWait(browser, 90).until(lambda d: "Token (row" in d.find_element(By.ID, "ffbi-caption").text)
+    assert len(_wait_for(browser, "#ffbi-to-frequency img")) == len(_wait_for(browser, "#ffbi-to-semantic img")) == 1
+
+    # a NIfTI upload replaces the example: the slice slider appears at the middle slice
+    volume = write_nifti(tmp_path / "volume.nii.gz", np.random.default_rng(0).normal(size=(64, 48, 9)).astype("f4"))
+    browser.find_element(By.CSS_SELECTOR, "button[aria-label='Clear']").click()
+    browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(volume))
+    WebDriverWait(browser, 90).until(lambda d: "NIFTI 48x64" in d.find_element(By.ID, "input-info").text)
+    assert "slice 5/9" in browser.find_element(By.ID, "input-info").text
+    assert time.perf_counter() - start < 240
