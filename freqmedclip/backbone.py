@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import BIOMEDCLIP_HUB
+from .config import BIOMEDCLIP_HUB, MINI_BACKBONE_DIR
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 HF_PREFIX = "hf-hub:"
 LOCAL_PREFIX = "local-dir:"
 WEIGHT_FILES = (
@@ -128,6 +129,13 @@ def _hub_file(repo_id: str, filename: str) -> str | None:
         return None
 
 
+def resolve_local_dir(path: str) -> Path:
+    """A ``local-dir:`` path; a relative one that does not exist here is taken relative to the repository, so
+    the default ``assets/...`` backbone works from any working directory."""
+    directory = Path(path).expanduser()
+    return directory if directory.is_absolute() or directory.exists() else REPO_ROOT / directory
+
+
 def resolve_backbone_files(source: str) -> tuple[Path, Path, dict[str, Any]]:
     """Find ``(config_path, weights_path, config)`` for a ``hf-hub:`` or ``local-dir:`` source.
 
@@ -135,12 +143,15 @@ def resolve_backbone_files(source: str) -> tuple[Path, Path, dict[str, Any]]:
         BackboneNotFoundError: with the command that fetches the files, when config or weights are missing.
     """
     if source.startswith(LOCAL_PREFIX):
-        directory = Path(source[len(LOCAL_PREFIX):]).expanduser()
+        directory = resolve_local_dir(source[len(LOCAL_PREFIX):])
         config_path = directory / "open_clip_config.json"
         if not config_path.is_file():
+            hint = (f" The offline mini backbone is made by `python -m freqmedclip.data.phantoms --out data/phantoms && "
+                    f"python -m train.pretrain_clip --data data/phantoms --out {MINI_BACKBONE_DIR}`."
+                    if directory == (REPO_ROOT / MINI_BACKBONE_DIR) else "")
             raise BackboneNotFoundError(
                 f"{source}: no open_clip_config.json in {directory.resolve()}. A backbone directory needs "
-                f"BiomedCLIP's layout (open_clip_config.json, weights, tokenizer files)."
+                f"BiomedCLIP's layout (open_clip_config.json, weights, tokenizer files).{hint}"
             )
         weights = next((directory / name for name in WEIGHT_FILES if (directory / name).is_file()), None)
     elif source.startswith(HF_PREFIX):

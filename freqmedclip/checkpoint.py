@@ -24,14 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .backbone import LOCAL_PREFIX, ClipBackbone, load_clip_backbone
+from .backbone import REPO_ROOT, ClipBackbone, load_clip_backbone
 from .config import FreqMedCLIPConfig
 from .model import FreqMedCLIP, build_model
 
 FORMAT = "freqmedclip-checkpoint-v1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class BackboneMismatchError(RuntimeError):
@@ -67,6 +66,9 @@ def save_checkpoint(directory: str | Path, model: FreqMedCLIP, metadata: dict[st
                     dtype: torch.dtype | None = None) -> Path:
     """Write ``model``'s trainable weights and config to ``directory`` (weights first, config last).
 
+    Each file is replaced atomically; to replace a whole directory as one unit (weights and config always from
+    the same step), write it beside the target and swap it in, as the trainer does (``train.state.publishing``).
+
     Args:
         dtype: store floating-point weights in this dtype (e.g. torch.float16 for shipped checkpoints).
     """
@@ -100,15 +102,6 @@ def read_checkpoint_header(directory: str | Path) -> dict[str, Any]:
     return header
 
 
-def resolve_source(source: str) -> str:
-    """Make a relative ``local-dir:`` usable from any working directory (relative to the repository)."""
-    if source.startswith(LOCAL_PREFIX):
-        path = Path(source[len(LOCAL_PREFIX):])
-        if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
-            return LOCAL_PREFIX + str(REPO_ROOT / path)
-    return source
-
-
 def load_checkpoint(directory: str | Path, backbone: ClipBackbone | None = None, device: str | torch.device = "cpu",
                     allow_backbone_mismatch: bool = False) -> FreqMedCLIP:
     """Rebuild a model from a checkpoint directory; no other flags needed.
@@ -128,7 +121,7 @@ def load_checkpoint(directory: str | Path, backbone: ClipBackbone | None = None,
         if expected["source"].startswith("random:"):
             raise BackboneMismatchError(
                 f"{directory} was trained on a randomly initialised backbone; pass that backbone explicitly")
-        backbone = load_clip_backbone(resolve_source(expected["source"]))
+        backbone = load_clip_backbone(expected["source"])
     if backbone.weights_sha256 != expected["sha256"]:
         message = (f"{directory} was trained with backbone {expected['source']} (sha256 {expected['sha256'][:12]}), "
                    f"but the loaded backbone {backbone.source} has sha256 {backbone.weights_sha256[:12]}")

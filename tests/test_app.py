@@ -3,6 +3,8 @@ no arbitrary file readable, and a clear message (not a stack trace) when no chec
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,8 +35,19 @@ def served(tmp_path_factory, mini_backbone_dir, mini_backbone):
     demo.close()
 
 
+@contextlib.contextmanager
+def _client(url: str):
+    """A gradio_client that is closed afterwards (its heartbeat thread would outlive the server otherwise)."""
+    client = Client(url, verbose=False)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 def _segment(url: str, path, prompt: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    mask, overlay, info = Client(url, verbose=False).predict(handle_file(str(path)), prompt, api_name="/segment")
+    with _client(url) as client:
+        mask, overlay, info = client.predict(handle_file(str(path)), prompt, api_name="/segment")
     return np.asarray(Image.open(mask)), np.asarray(Image.open(overlay).convert("RGB")), info
 
 
@@ -45,7 +58,8 @@ def test_segment_endpoint_returns_mask_and_overlay(served):
     assert mask.shape == (224, 224) and overlay.shape == (224, 224, 3)
     assert np.array_equal(mask, expected_mask) and np.array_equal(overlay, expected_overlay)   # PNG: lossless
     assert info == json.loads(json.dumps(expected_info)) and info["found"] == bool(mask.any())
-    endpoints = Client(url, verbose=False).view_api(return_format="dict")["named_endpoints"]
+    with _client(url) as client:
+        endpoints = client.view_api(return_format="dict")["named_endpoints"]
     assert list(endpoints) == ["/segment"]                                 # UI-internal events stay private
 
 

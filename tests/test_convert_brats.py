@@ -181,7 +181,7 @@ def test_orientation_misnamed_seg_and_2023_labels_give_identical_samples(convert
         by_case.setdefault(r.subject_id, {})[(r.sample_id.split("_z")[-1], r.structure)] = r
     ref = by_case["BraTS20_Training_001"]
     tumour_keys = {k for k in ref if int(k[0]) in TUMOUR_SLICES}
-    for other in ("BraTS20_Training_002", "BraTS20_Training_355", "BraTS-GLI-00001-000"):
+    for other in ("BraTS20_Training_002", "BraTS20_Training_355", "BraTS-GLI-00001"):  # GLI: patient, not timepoint
         recs = by_case[other]
         assert tumour_keys <= set(recs), other
         for key in tumour_keys:
@@ -252,3 +252,10 @@ def test_other_datasets_in_a_shared_root_are_kept(raw, tmp_path):
     run(raw, out, "--dataset-name", "brain2", "--structures", "whole_tumour", "--limit", "1")
     datasets = {r.dataset for r in read_manifest(out)}
     assert datasets == {"brain", "brain2"}
+
+
+def test_gli_timepoints_of_one_patient_share_a_subject():
+    from freqmedclip.data.brats import patient_id
+
+    assert patient_id("BraTS-GLI-00123-000") == patient_id("BraTS-GLI-00123-001") == "BraTS-GLI-00123"
+    assert patient_id("BraTS20_Training_001") == "BraTS20_Training_001"

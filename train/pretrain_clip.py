@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.hf_model import MeanPooler
 from open_clip.loss import ClipLoss
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -235,21 +236,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 # ---- resumable state (safetensors + JSON) ----
 
 def save_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
-    """Weights and AdamW moments to ``STATE_WEIGHTS``, then ``progress`` (plus param groups) to ``STATE_JSON``."""
+    """Weights, AdamW moments and ``progress`` (plus param groups, in the safetensors metadata) to ``STATE_WEIGHTS``
+    in one atomic write, so a kill can never pair new weights with old progress; ``STATE_JSON`` is a readable copy."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     optim = optimizer.state_dict()
     for index, entry in optim["state"].items():
         for key, value in entry.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in optim["param_groups"]]
-    atomic_write(out / STATE_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write(out / STATE_JSON, lambda tmp: tmp.write_text(json.dumps(progress | {"param_groups": groups},
-                                                                             indent=2)))
+    progress_text = json.dumps(progress | {"param_groups": groups}, indent=2)
+    atomic_write(out / STATE_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"progress": progress_text}))
+    atomic_write(out / STATE_JSON, lambda tmp: tmp.write_text(progress_text))
 
 
 def load_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore what :func:`save_state` wrote; returns the progress dict."""
-    progress = json.loads((out / STATE_JSON).read_text())
+    with safe_open(str(out / STATE_WEIGHTS), "pt") as handle:
+        progress = json.loads(handle.metadata()["progress"])
     tensors = load_file(str(out / STATE_WEIGHTS))
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
     state: dict[int, dict[str, Tensor]] = {}

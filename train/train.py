@@ -56,6 +56,9 @@ from freqmedclip.precision import autocast
 from train import distributed, state
 
 LOSS_TERMS = ("loss", "dice", "bce", "semantic_dice", "frequency_dice")
+# Arguments that change what a run computes: resuming a run directory with other values is refused.
+RESUME_ARGS = ("data", "datasets", "balanced", "augment", "seed", "batch_size", "grad_accum", "lr", "weight_decay",
+               "t_max", "bce_weight", "alpha", "beta", "clip_grad")
 
 
 # ------------------------------------------------------------------------------------------------------- args
@@ -117,7 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) not in allowed:
             parser.error(f"--{name} {getattr(args, name)!r}: expected one of {list(allowed)}")
     if args.run_dir is None:
-        args.run_dir = str(Path("runs") / (Path(args.config).stem if args.config else f"{args.preset}-{args.variant}"))
+        name = Path(args.config).stem if args.config else f"{args.preset}-{args.variant}"
+        args.run_dir = str(Path("runs") / f"{name}-seed{args.seed}")
     return args
 
 
@@ -132,7 +136,7 @@ def make_model(args: argparse.Namespace, backbone: ClipBackbone | None = None) -
 
 class DistributedWeightedSampler(Sampler[int]):
     """Balanced sampling under DDP: one weighted draw (with replacement) over the whole dataset per epoch from a
-    generator seeded with seed + epoch, sharded rank::world, so the ranks together see one balanced epoch."""
+    generator seeded from (seed, epoch), sharded rank::world, so the ranks together see one balanced epoch."""
 
     def __init__(self, weights: Tensor, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
         self.weights, self.num_replicas, self.rank, self.seed = weights.double(), num_replicas, rank, seed
@@ -143,7 +147,7 @@ class DistributedWeightedSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)  # seeds never share epochs
         draw = torch.multinomial(self.weights, self.num_samples * self.num_replicas, True, generator=generator)
         return iter(draw[self.rank::self.num_replicas].tolist())
 
@@ -152,8 +156,8 @@ class DistributedWeightedSampler(Sampler[int]):
 
 
 # ------------------------------------------------------------------------------------------------------- resume
-def resume(directory: Path, model: FreqMedCLIP, optimizer: torch.optim.Optimizer, scheduler: Any,
-           scaler: torch.amp.GradScaler) -> dict[str, Any]:
+def resume(directory: Path, args: argparse.Namespace, model: FreqMedCLIP, optimizer: torch.optim.Optimizer,
+           scheduler: Any, scaler: torch.amp.GradScaler) -> dict[str, Any]:
     """Load weights, optimizer, scheduler and scaler from ``directory``; return its train state."""
     header = read_checkpoint_header(directory)
     saved_config, config = FreqMedCLIPConfig.from_dict(header["config"]).to_dict(), model.config.to_dict()
@@ -163,9 +167,17 @@ def resume(directory: Path, model: FreqMedCLIP, optimizer: torch.optim.Optimizer
     if model.backbone_sha256 == "random" or header["backbone"]["sha256"] != model.backbone_sha256:
         raise SystemExit(f"{directory} was trained with the CLIP backbone {header['backbone']['source']}, not "
                          f"{model.backbone_source} (a --random-backbone run cannot resume: its backbone is not saved)")
+    saved_args = header["metadata"].get("args", {})
+    differing = sorted(k for k in RESUME_ARGS if k in saved_args and saved_args[k] != getattr(args, k))
+    if differing:
+        raise SystemExit(f"{directory} was trained with other {differing} "
+                         f"({', '.join(f'{k}={saved_args[k]!r}' for k in differing)}); use another --run-dir")
     saved = state.load_train_state(directory)
     device = next(model.parameters()).device
-    model.load_state_dict(load_file(str(directory / WEIGHTS), device=str(device)), strict=False)
+    weights = load_file(str(directory / WEIGHTS), device=str(device))
+    if weights.keys() != model.trainable_state_dict().keys():
+        raise SystemExit(f"{directory / WEIGHTS} does not match this model's trainable weights")
+    model.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler.is_enabled() and saved["scaler"]:
@@ -176,20 +188,25 @@ def resume(directory: Path, model: FreqMedCLIP, optimizer: torch.optim.Optimizer
 # ------------------------------------------------------------------------------------------------------- report
 @torch.no_grad()
 def evaluate(model: FreqMedCLIP, loader: DataLoader, names: list[str], device: torch.device, amp: str) -> dict:
-    """Mean Dice of the thresholded fused mask (logit > 0) per dataset, sums all-reduced over ranks."""
+    """Validation, sums all-reduced over ranks: mean Dice of the thresholded fused mask (logit > 0) over the
+    records whose target is present, per dataset (what selects ``best/``), and the share of absent-target records
+    predicted (nearly) empty, under 1 % of the image (reported; an empty prediction must not score as Dice 1)."""
     model.eval()
-    sums = torch.zeros(len(names), 2, dtype=torch.float64)                       # (datasets, [Dice sum, count])
+    sums = torch.zeros(len(names), 4, dtype=torch.float64)  # (datasets, [Dice sum, positives, empty, negatives])
     for batch in loader:
         with autocast(device, amp):
             logits = model(batch["image"].to(device), batch["prompt"]).logits       # (B, 1, 224, 224)
         for pred, gt, name in zip((logits > 0)[:, 0].cpu().numpy(), batch["mask"][:, 0].numpy() > 0.5,
                                   batch["dataset"]):
-            sums[names.index(name)] += torch.tensor([dice(pred, gt), 1.0], dtype=torch.float64)
+            row = [dice(pred, gt), 1.0, 0.0, 0.0] if gt.any() else [0.0, 0.0, float(pred.mean() < 0.01), 1.0]
+            sums[names.index(name)] += torch.tensor(row, dtype=torch.float64)
     sums = distributed.all_reduce_sum(sums.to(device)).cpu()
     model.train()
-    per_dataset = {n: (s / c).item() for n, (s, c) in zip(names, sums) if c > 0}
+    per_dataset = {n: (s[0] / s[1]).item() for n, s in zip(names, sums) if s[1] > 0}
+    negatives = sums[:, 3].sum().item()
     return {"dice": sum(per_dataset.values()) / max(len(per_dataset), 1), "per_dataset": per_dataset,
-            "count": {n: int(c) for n, (_, c) in zip(names, sums)}}
+            "negative_empty_rate": sums[:, 2].sum().item() / negatives if negatives else None,
+            "count": {n: int(s[1] + s[3]) for n, s in zip(names, sums)}}
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
@@ -256,6 +273,11 @@ def train(args: argparse.Namespace, command: list[str], rank: int, world: int, d
 
     state.seed_everything(args.seed)  # identical initial weights on every rank
     model = make_model(args).to(device)
+    log.info("backbone %s | frequency encoder initialised from %s", model.backbone_source, model.frequency_init)
+    if args.preset == "full" and model.frequency_init == "random" and args.frequency_weights != "none":
+        raise SystemExit("no ImageNet weights for the ConvNeXt-Tiny frequency encoder in the HuggingFace cache; fetch "
+                         "them with `hf download timm/convnext_tiny.in12k_ft_in1k model.safetensors`, pass "
+                         "--frequency-weights FILE, or --frequency-weights none to train it from scratch")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.t_max)
@@ -284,7 +306,7 @@ def train(args: argparse.Namespace, command: list[str], rank: int, world: int, d
 
     progress = {"epoch": 0, "step": 0, "best_dice": -1.0, "best_epoch": 0, "bad_validations": 0, "stopped": None}
     if (latest / "train_state.json").is_file():
-        saved = resume(latest, model, optimizer, scheduler, scaler)
+        saved = resume(latest, args, model, optimizer, scheduler, scaler)
         progress = {k: saved[k] for k in progress}
         if len(saved["rng"]) == world:
             state.set_rng_state(saved["rng"][rank])
@@ -391,7 +413,10 @@ def train(args: argparse.Namespace, command: list[str], rank: int, world: int, d
                 state.save_train_state(tmp, dict(progress, sampler_epoch=epoch + 1, world_size=world), objects)
         distributed.barrier()
         val = " ".join(f"{k} {v:.3f}" for k, v in row["val"]["per_dataset"].items()) if "val" in row else "-"
-        log.info("epoch %d/%d | loss %.4f (dice %.4f bce %.4f sem %.4f freq %.4f) | val Dice %s [%s] | best %.4f @%d"
+        if "val" in row and row["val"]["negative_empty_rate"] is not None:
+            val += f"; absent targets left empty {row['val']['negative_empty_rate']:.1%}"
+        log.info("epoch %d/%d | loss %.4f (dice %.4f bce %.4f sem %.4f freq %.4f) | val Dice (targets present) %s [%s]"
+                 " | best %.4f @%d"
                  " | lr %.2e | %.1f s, %.1f img/s", epoch + 1, args.epochs, *row["train"].values(),
                  f"{row['val']['dice']:.4f}" if "val" in row else "-", val, progress["best_dice"],
                  progress["best_epoch"], row["lr"], seconds, row["images_per_s"])

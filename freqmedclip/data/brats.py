@@ -79,6 +79,14 @@ GLI_MODALITIES = {"t2f": "flair", "t1n": "t1", "t1c": "t1ce", "t2w": "t2", "seg"
 PATTERN_2020 = re.compile(r"^(?P<case>.+)_(?P<mod>flair|t1ce|t1|t2|seg)\.nii(\.gz)?$", re.IGNORECASE)
 PATTERN_GLI = re.compile(r"^(?P<case>BraTS-[A-Za-z]+-\d+-\d+)-(?P<mod>t2f|t1n|t1c|t2w|seg)\.nii(\.gz)?$", re.IGNORECASE)
 NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+GLI_TIMEPOINT = re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$")
+
+
+def patient_id(case_key: str) -> str:
+    """The subject a case belongs to: BraTS-GLI-00123-001 and -002 are two timepoints of one patient, so splits
+    (which are made on subjects) must keep them together; 2020 case names are one case per patient."""
+    match = GLI_TIMEPOINT.match(case_key)
+    return match["patient"] if match else case_key
 
 # label value of (necrotic core, oedema, enhancing tumour) per labelling scheme
 LABELS = {"2020": (1, 2, 4), "2023": (1, 2, 3)}
@@ -359,7 +367,7 @@ def convert_case(case: Case, out: Path, opt: BratsOptions) -> tuple[list[Structu
             records.append(
                 StructureRecord(
                     sample_id=sample_id,
-                    subject_id=case.key,
+                    subject_id=patient_id(case.key),
                     dataset=opt.dataset,
                     modality="MRI",
                     structure=structure,

@@ -93,6 +93,9 @@ def generate(out: Path, n_subjects: int = DEFAULT_SUBJECTS, seed: int = 0, worke
     params = {"version": VERSION, "seed": seed, "n_subjects": n_subjects}
     params_path = out / PARAMS_FILE
     overwrite = not (params_path.is_file() and json.loads(params_path.read_text()) == params)
+    if overwrite:
+        # Until this run completes, the folder holds a mix of two runs: it must not look finished for either.
+        params_path.unlink(missing_ok=True)
     tasks = [(out, d, k, seed, overwrite) for d in range(len(DOMAINS)) for k in range(n_subjects)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -102,7 +105,9 @@ def generate(out: Path, n_subjects: int = DEFAULT_SUBJECTS, seed: int = 0, worke
     records = [r for chunk in chunks for r in chunk]
     assign_splits(records, seed=seed, stratify_by="dataset")
     write_manifest(out, records)
-    params_path.write_text(json.dumps(params) + "\n")
+    tmp = params_path.with_name(f".{PARAMS_FILE}.tmp")
+    tmp.write_text(json.dumps(params) + "\n")
+    os.replace(tmp, params_path)  # written last: its presence means every file of this run is complete
     return records
 
 
