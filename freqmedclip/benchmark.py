@@ -27,20 +27,47 @@ from . import precision
 from .precision import autocast
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA kernels, so wall-clock timings cover them; a no-op on CPU."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory window (CUDA allocator stats, or this process's peak RSS via
+    /proc/self/clear_refs on Linux >= 4.0); False when the CPU peak cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory since the last reset, in MiB, and what was measured."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max_memory_allocated"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, "process peak RSS"
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
@@ -61,7 +88,7 @@ def run(preset: str, device_str: str, dtype: str, warmup: int = 5, repeats: int 
     image1 = torch.rand(1, 3, config.image_size, config.image_size, device=device)
     image8 = torch.rand(8, 3, config.image_size, config.image_size, device=device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)  # CUDA: memory of inference; CPU: the process's lifetime peak RSS
 
     with autocast(device, dtype):
         text = model.text(prompt)
@@ -94,12 +121,7 @@ def run(preset: str, device_str: str, dtype: str, warmup: int = 5, repeats: int 
 
     shapes = {name: list(t.shape[1:]) for name, t in
               dict(s1=s1, s2=s2, s3=s3, s4=s4, f_stem=f_stem, f1=f1, f2=f2, f3=f3).items()}
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-        memory_kind = "CUDA max_memory_allocated"
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        memory_kind = "process peak RSS"
+    peak_mb, memory_kind = peak_memory_mb(device)
     return {
         "preset": preset,
         "device": device_name(device),

@@ -4,7 +4,6 @@ no arbitrary file readable, and a clear message (not a stack trace) when no chec
 from __future__ import annotations
 
 import contextlib
-
 import json
 from concurrent.futures import ThreadPoolExecutor
 

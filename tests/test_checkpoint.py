@@ -6,30 +6,17 @@ import json
 
 import pytest
 import torch
+from _demo_support import decisive_model
 from safetensors.torch import load_file
 
 from freqmedclip.backbone import random_clip_backbone
 from freqmedclip.checkpoint import (BackboneMismatchError, load_checkpoint, load_ensemble, read_checkpoint_header,
                                     save_checkpoint)
-from freqmedclip.config import FreqMedCLIPConfig
-from freqmedclip.model import build_model
-
-
-def _perturbed_model(backbone, variant="full", seed=0):
-    """A model whose zero-initialised layers carry random values, so every weight matters in the round trip."""
-    torch.manual_seed(seed)
-    config = FreqMedCLIPConfig.from_preset("mini", variant, backbone=backbone.source, frequency_weights="none")
-    model = build_model(config, backbone)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.requires_grad:
-                parameter.add_(torch.randn_like(parameter) * 0.05)
-    return model.eval()
 
 
 @pytest.mark.parametrize("variant", ["full", "no_dual_decoder", "unet_clip"])
 def test_round_trip_is_bit_exact(tmp_path, mini_backbone, variant):
-    model = _perturbed_model(mini_backbone, variant)
+    model = decisive_model(mini_backbone, variant=variant)
     save_checkpoint(tmp_path, model, {"epoch": 3, "metrics": {"val_dice": 0.5}})
     loaded = load_checkpoint(tmp_path, mini_backbone)
     original, restored = model.trainable_state_dict(), loaded.trainable_state_dict()
@@ -41,7 +28,7 @@ def test_round_trip_is_bit_exact(tmp_path, mini_backbone, variant):
 
 
 def test_checkpoint_holds_only_trainable_weights_and_metadata(tmp_path, mini_backbone):
-    model = _perturbed_model(mini_backbone)
+    model = decisive_model(mini_backbone)
     save_checkpoint(tmp_path, model, {"command": "python -m train.train", "metrics": {"dice": 0.9}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     stored = load_file(str(tmp_path / "model.safetensors"))
@@ -56,7 +43,7 @@ def test_checkpoint_holds_only_trainable_weights_and_metadata(tmp_path, mini_bac
 
 
 def test_load_without_flags_reads_backbone_from_config(tmp_path, mini_backbone):
-    model = _perturbed_model(mini_backbone)
+    model = decisive_model(mini_backbone)
     save_checkpoint(tmp_path, model)
     loaded = load_checkpoint(tmp_path)  # loads the backbone named in config.json by itself
     assert loaded.backbone_sha256 == mini_backbone.weights_sha256
@@ -66,7 +53,7 @@ def test_load_without_flags_reads_backbone_from_config(tmp_path, mini_backbone):
 
 
 def test_backbone_mismatch_is_reported(tmp_path, mini_backbone):
-    save_checkpoint(tmp_path, _perturbed_model(mini_backbone))
+    save_checkpoint(tmp_path, decisive_model(mini_backbone))
     other = random_clip_backbone("mini")
     with pytest.raises(BackboneMismatchError, match="sha256"):
         load_checkpoint(tmp_path, other)
@@ -75,7 +62,7 @@ def test_backbone_mismatch_is_reported(tmp_path, mini_backbone):
 
 
 def test_fp16_storage_round_trips_within_half_precision(tmp_path, mini_backbone):
-    model = _perturbed_model(mini_backbone)
+    model = decisive_model(mini_backbone)
     save_checkpoint(tmp_path, model, dtype=torch.float16)
     assert all(v.dtype == torch.float16 for v in load_file(str(tmp_path / "model.safetensors")).values()
                if v.is_floating_point())
@@ -89,7 +76,7 @@ def test_fp16_storage_round_trips_within_half_precision(tmp_path, mini_backbone)
 def test_bad_checkpoints_are_refused(tmp_path, mini_backbone):
     with pytest.raises(FileNotFoundError, match="not a FreqMedCLIP checkpoint"):
         read_checkpoint_header(tmp_path)
-    save_checkpoint(tmp_path, _perturbed_model(mini_backbone))
+    save_checkpoint(tmp_path, decisive_model(mini_backbone))
     header = json.loads((tmp_path / "config.json").read_text())
     header["config"]["fusion"] = "concat"  # config no longer matches the stored weights
     (tmp_path / "config.json").write_text(json.dumps(header))
@@ -99,7 +86,7 @@ def test_bad_checkpoints_are_refused(tmp_path, mini_backbone):
 
 def test_ensemble_shares_one_backbone(tmp_path, mini_backbone):
     for seed in (0, 1):
-        save_checkpoint(tmp_path / f"seed{seed}", _perturbed_model(mini_backbone, seed=seed))
+        save_checkpoint(tmp_path / f"seed{seed}", decisive_model(mini_backbone, seed))
     members = load_ensemble([tmp_path / "seed0", tmp_path / "seed1"])
     assert members[0].semantic.trunk is members[1].semantic.trunk
     assert members[0].text.clip_text is members[1].text.clip_text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -103,17 +104,7 @@ def test_geometric_augmentation_is_identical_for_image_and_mask(tmp_path):
 
 def test_flip_only_matches_numpy_flip(tmp_path):
     _write_root(tmp_path)
-    aug = Augment(
-        hflip=1.0,
-        vflip=0.0,
-        rotate_deg=0.0,
-        scale=(1.0, 1.0),
-        translate=0.0,
-        brightness=0.0,
-        contrast=0.0,
-        gamma=(1.0, 1.0),
-        noise_std=0.0,
-    )
+    aug = replace(Augment.geometric_only(), hflip=1.0, vflip=0.0, rotate_deg=0.0, scale=(1.0, 1.0), translate=0.0)
     item = SegmentationDataset(tmp_path, "train", train=True, augment=aug)[0]
     assert np.array_equal(item["mask"][0].numpy().astype(bool), _mask(224, 0)[:, ::-1])
     assert np.allclose(item["image"][0].numpy(), _mask(224, 0)[:, ::-1], atol=1e-4)
@@ -151,17 +142,7 @@ def test_resize_and_spacing_from_smaller_stored_images(tmp_path):
 
 def test_zoom_rescales_spacing(tmp_path):
     _write_root(tmp_path)
-    aug = Augment(
-        hflip=0.0,
-        vflip=0.0,
-        rotate_deg=0.0,
-        scale=(1.25, 1.25),
-        translate=0.0,
-        brightness=0.0,
-        contrast=0.0,
-        gamma=(1.0, 1.0),
-        noise_std=0.0,
-    )
+    aug = replace(Augment.geometric_only(), hflip=0.0, vflip=0.0, rotate_deg=0.0, scale=(1.25, 1.25), translate=0.0)
     item = SegmentationDataset(tmp_path, "train", train=True, augment=aug)[0]
     assert item["spacing"].tolist() == pytest.approx([0.4, 0.64])
     assert item["mask"].sum() == pytest.approx(1.25**2 * _mask(224, 0).sum(), rel=0.1)

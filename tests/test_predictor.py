@@ -6,32 +6,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _demo_support import decisive_model
 from PIL import Image
 
-from freqmedclip.config import FreqMedCLIPConfig
 from freqmedclip.metrics import dice
-from freqmedclip.model import build_model
 from freqmedclip.predictor import Predictor
 from freqmedclip.preprocess import InputError, normalize
 from freqmedclip.text import PromptError
 
 
-def _decisive_model(backbone, seed: int = 0):
-    """Random weights scaled so that logits spread far from 0: masks are then well defined."""
-    torch.manual_seed(seed)
-    config = FreqMedCLIPConfig.from_preset("mini", backbone=backbone.source, frequency_weights="none")
-    model = build_model(config, backbone)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(torch.randn_like(parameter) * 0.02)
-        model.head.skip.weight.mul_(40.0)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def predictor(mini_backbone):
-    return Predictor(_decisive_model(mini_backbone))
+    return Predictor(decisive_model(mini_backbone))
 
 
 @pytest.mark.parametrize("image", [
@@ -76,7 +62,7 @@ def test_several_prompts_match_single_calls(predictor):
 
 
 def test_bf16_masks_match_fp32(mini_backbone):
-    model = _decisive_model(mini_backbone, seed=1)
+    model = decisive_model(mini_backbone, seed=1)
     fp32, bf16 = Predictor(model, dtype="fp32"), Predictor(model, dtype="bf16")
     rng = np.random.default_rng(8)
     scores = []
@@ -89,7 +75,7 @@ def test_bf16_masks_match_fp32(mini_backbone):
 
 
 def test_ensemble_averages_members_and_reports_spread(mini_backbone):
-    members = [_decisive_model(mini_backbone, seed) for seed in (2, 3)]
+    members = [decisive_model(mini_backbone, seed) for seed in (2, 3)]
     image = np.random.default_rng(9).integers(0, 256, (150, 150), dtype=np.uint8)
     singles = [Predictor(m).predict(image, "nodule").probability for m in members]
     both = Predictor(members).predict(image, "nodule")
@@ -124,7 +110,7 @@ def test_bad_images_get_clear_errors(predictor, image, message):
 
 
 def test_size_limit_and_prompts(mini_backbone):
-    small_limit = Predictor(_decisive_model(mini_backbone), max_pixels=100 * 100)
+    small_limit = Predictor(decisive_model(mini_backbone), max_pixels=100 * 100)
     with pytest.raises(InputError, match="over the limit"):
         small_limit.predict(np.zeros((101, 100), np.uint8), "tumour")
     image = np.zeros((64, 64), np.uint8)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 
-from freqmedclip.benchmark import device_name
+from freqmedclip.benchmark import device_name, peak_memory_mb, synchronize
 from freqmedclip.config import VARIANTS, FreqMedCLIPConfig
 from freqmedclip.losses import segmentation_loss
 from freqmedclip.model import build_model
@@ -32,11 +31,6 @@ from freqmedclip.precision import autocast
 
 PROMPTS = ("whole tumour", "enhancing tumour", "peritumoral oedema", "tumour core", "breast mass",
            "spiculated breast lesion", "lung nodule", "pulmonary nodule on chest CT")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_batch(batch_size: int, image_size: int, device: torch.device, generator: torch.Generator,
@@ -84,17 +78,14 @@ def run(preset: str, variant: str, device_str: str, dtype: str, batch_size: int,
         return loss.item()
 
     losses = [step() for _ in range(warmup)]
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        losses.append(step())                       # .item() synchronises; _sync covers the optimizer kernels
-        _sync(device)
+        losses.append(step())                       # .item() synchronises; synchronize covers the optimizer kernels
+        synchronize(device)
         times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak_mb, memory_kind = torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max_memory_allocated"
-    else:
-        peak_mb, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+    peak_mb, memory_kind = peak_memory_mb(device)
     median = statistics.median(times)
     return {
         "preset": preset, "variant": variant, "device": device_name(device), "dtype": dtype,

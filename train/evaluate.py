@@ -40,7 +40,6 @@ import gc
 import json
 import math
 import re
-import resource
 import statistics
 import sys
 import time
@@ -55,7 +54,7 @@ from PIL import Image
 
 from freqmedclip import metrics, summary
 from freqmedclip.backbone import ClipBackbone
-from freqmedclip.benchmark import device_name
+from freqmedclip.benchmark import device_name, peak_memory_mb, reset_peak_memory, synchronize
 from freqmedclip.checkpoint import atomic_write, code_version, load_ensemble, read_checkpoint_header
 from freqmedclip.data.dataset import SegmentationDataset
 from freqmedclip.data.format import load_mask, mask_path
@@ -115,33 +114,6 @@ def file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-# ---- memory and timing ----
-
-def reset_cpu_peak() -> bool:
-    """Reset this process's peak RSS (Linux >= 4.0); False when not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def cpu_peak_mb() -> float:
-    """Peak resident set of this process in MiB (VmHWM; ru_maxrss where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---- evaluation ----
 
 def evaluate_method(method: Method, dataset: SegmentationDataset, device: torch.device, dtype: str,
@@ -156,8 +128,7 @@ def evaluate_method(method: Method, dataset: SegmentationDataset, device: torch.
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    peak_reset = device.type == "cuda" or reset_cpu_peak()
+    peak_reset = reset_peak_memory(device)
     models = load_ensemble(method.checkpoints, backbone=cached, device=device)
     backbones.setdefault(models[0].backbone_sha256, models[0].clip_backbone)
     predictor = Predictor(models, device=str(device), dtype=dtype, threshold=threshold)
@@ -166,17 +137,17 @@ def evaluate_method(method: Method, dataset: SegmentationDataset, device: torch.
     first = dataset[0]
     for _ in range(warmup):
         predictor.predict_tensor(first["image"][None].to(device), [first["prompt"]])
-    _sync(device)
+    synchronize(device)
 
     times = []
     for index in range(n):
         item, record = dataset[index], dataset.records[index]
         gt = load_mask(dataset.root, record)                                          # (H, W) bool, stored grid
         image = item["image"][None].to(device)                                        # (1, 3, 224, 224)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         probability = predictor.predict_tensor(image, [item["prompt"]])["probability"]  # (1, 1, 224, 224)
-        _sync(device)
+        synchronize(device)
         times.append((time.perf_counter() - start) * 1000)
         if tuple(probability.shape[-2:]) != gt.shape:
             probability = resize_to(probability, gt.shape)                            # bilinear to the mask grid
@@ -194,11 +165,9 @@ def evaluate_method(method: Method, dataset: SegmentationDataset, device: torch.
             "time_ms": times[-1],
         })
 
-    if device.type == "cuda":
-        peak_mb, kind = torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max_memory_allocated"
-    else:
-        peak_mb = cpu_peak_mb()
-        kind = "process peak RSS" + ("" if peak_reset else " (cumulative: could not reset)")
+    peak_mb, kind = peak_memory_mb(device)
+    if not peak_reset:
+        kind += " (cumulative: could not reset)"
     method.efficiency = {
         "method": method.name, "time_ms": statistics.fmean(times),
         "time_ms_sd": statistics.stdev(times) if len(times) > 1 else 0.0, "time_ms_median": statistics.median(times),

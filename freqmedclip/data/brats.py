@@ -62,6 +62,7 @@ from freqmedclip.data.convert import (
     CaseError,
     base_parser,
     case_rng,
+    parse_converter_args,
     relative,
     resize_bilinear,
     resize_nearest,
@@ -433,9 +434,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         default="auto",
         help="label scheme; auto: 2023 (ET=3) for BraTS-GLI names, else 2020 (ET=4)",
     )
-    args = parser.parse_args(argv)
-    if not args.root.is_dir():
-        parser.error(f"--root {args.root} is not a directory")
+    args = parse_converter_args(parser, argv)
 
     opt = BratsOptions(
         dataset=args.dataset_name,
@@ -451,8 +450,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         seed=args.seed,
     )
     cases, skipped = find_cases(args.root)
-    if args.limit is not None:
-        cases = cases[: args.limit]
     grades = read_grades(args.root)
     if not cases and not skipped:
         parser.error(f"no BraTS case found under {args.root}")
@@ -468,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         fractions=args.fractions,
         stratify=lambda r: f"{r.dataset}/{grades.get(r.subject_id, 'grade unknown')}",
         skipped=skipped,
+        limit=args.limit,
     )
 
 

@@ -68,6 +68,7 @@ from freqmedclip.data.convert import (
     Case,
     CaseError,
     base_parser,
+    parse_converter_args,
     relative,
     resize_bilinear,
     resize_nearest,
@@ -515,9 +516,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         default="patient",
         help="patient: 70/20/10 by patient; official: official test patients -> test",
     )
-    args = parser.parse_args(argv)
-    if not args.root.is_dir():
-        parser.error(f"--root {args.root} is not a directory")
+    args = parse_converter_args(parser, argv)
     opt = CbisOptions(
         dataset=args.dataset_name,
         size=args.size,
@@ -528,8 +527,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cases, skipped, strata, test_patients = find_cases(args.root)
     if not cases and not skipped:
         parser.error(f"no *_case_description_*.csv with rows found under {args.root}")
-    if args.limit is not None:
-        cases = cases[: args.limit]
 
     def stratify(r: StructureRecord) -> str:
         return f"{r.dataset}/{strata.get(r.sample_id, r.structure)}"
@@ -556,6 +553,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         stratify=stratify,
         assign=official if args.split == "official" else None,
         skipped=skipped,
+        limit=args.limit,
     )
 
 

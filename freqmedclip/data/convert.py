@@ -192,6 +192,14 @@ def base_parser(module: str, description: str, dataset: str, root: bool = True) 
 # ---------------------------------------------------------------------------------------------
 
 
+def parse_converter_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse a converter's command line and check that ``--root`` is a directory."""
+    args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        parser.error(f"--root {args.root} is not a directory")
+    return args
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -269,6 +277,7 @@ def run_conversion(
     skipped: Sequence[tuple[str, str]] = (),
     notes: Sequence[str] = (),
     unit: str = "case",
+    limit: int | None = None,
 ) -> dict:
     """Convert ``cases`` (resuming finished ones), write the manifest and return the summary dict.
 
@@ -285,10 +294,13 @@ def run_conversion(
         skipped: (case, reason) pairs already rejected while indexing the raw data.
         notes: dataset-level notes for the summary.
         unit: what one case is, for the progress bar and the summary ("case", "file").
+        limit: convert only the first ``limit`` cases (trial runs).
     Returns:
         the summary also saved as ``out/conversion_<dataset>.json``.
     """
     start = time.time()
+    if limit is not None:
+        cases = cases[:limit]
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"split fractions must be 3 non-negative values summing to 1, got {list(fractions)}")
     out = Path(out)

@@ -288,7 +288,8 @@ def convert_folder(
     return run_conversion(
         dataset=options.dataset,
         out=out,
-        cases=cases[:limit] if limit is not None else cases,
+        cases=cases,
+        limit=limit,
         convert=convert_case,
         options=options,
         version=VERSION,

@@ -57,6 +57,7 @@ from freqmedclip.data.convert import (
     CaseError,
     base_parser,
     case_rng,
+    parse_converter_args,
     pixel_centres,
     relative,
     resize_bilinear,
@@ -380,9 +381,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "--negative-margin", type=float, default=5.0, help="mm between a negative slice and every nodule's surface"
     )
     parser.add_argument("--min-lung-fraction", type=float, default=0.05)
-    args = parser.parse_args(argv)
-    if not args.root.is_dir():
-        parser.error(f"--root {args.root} is not a directory")
+    args = parse_converter_args(parser, argv)
     annotations = args.annotations
     if annotations is None:
         found = sorted(args.root.rglob("annotations.csv"))
@@ -404,8 +403,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cases, skipped, notes, strata = find_cases(args.root, annotations)
     if not cases and not skipped:
         parser.error(f"no subset*/*.mhd under {args.root}")
-    if args.limit is not None:
-        cases = cases[: args.limit]
     return run_conversion(
         dataset=opt.dataset,
         out=args.out,
@@ -418,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         fractions=args.fractions,
         stratify=lambda r: f"{r.dataset}/{strata.get(r.subject_id, 'no nodule')}",
         skipped=skipped,
+        limit=args.limit,
         notes=notes,
     )
 
