@@ -286,11 +286,16 @@ def _build_clip(directory: Path, text_cfg: dict[str, Any]) -> nn.Module:
         logging.disable(logging.NOTSET)
 
 
-def save_clip_dir(model: nn.Module, directory: Path) -> Path:
-    """Write ``model``'s weights as ``open_clip_model.safetensors`` (atomically) next to its config."""
+def save_clip_dir(model: nn.Module, directory: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``model``'s weights as ``open_clip_model.safetensors`` (atomically) next to its config.
+
+    Floating-point tensors are stored as ``dtype`` (the shipped mini backbone uses float16 to halve its size;
+    loading casts back to the model's float32 parameters).
+    """
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
     target = directory / "open_clip_model.safetensors"
     with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
         tmp = Path(handle.name)

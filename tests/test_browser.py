@@ -1,6 +1,7 @@
 """One real-browser test: headless Chromium (Debian's chromium + chromedriver, driven by selenium) opens the
 demo, runs an example, checks that every panel renders, and takes a screenshot (into the test's tmp dir, or to the
-path in ``$FREQMEDCLIP_SCREENSHOT``, e.g. ``assets/screenshot.png`` when refreshing the README's picture)."""
+path in ``$FREQMEDCLIP_SCREENSHOT``, e.g. ``assets/screenshot.png`` when refreshing the README's picture, which is
+then taken of the shipped ensemble)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 import app  # noqa: E402
+from freqmedclip.demo import DemoSession, load_session  # noqa: E402
 from freqmedclip.predictor import Predictor  # noqa: E402
 
 SCREENSHOT_TARGET = os.environ.get("FREQMEDCLIP_SCREENSHOT")
@@ -32,8 +34,16 @@ FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-u
 
 
 @pytest.fixture(scope="module")
-def url(mini_backbone):
-    demo = app.build_demo(Predictor([decisive_model(mini_backbone, seed) for seed in (0, 1)]))
+def session(mini_backbone) -> DemoSession:
+    """The shipped ensemble when refreshing the README's screenshot, else two small random models."""
+    if SCREENSHOT_TARGET:
+        return load_session()
+    return DemoSession(Predictor([decisive_model(mini_backbone, seed) for seed in (0, 1)]))
+
+
+@pytest.fixture(scope="module")
+def url(session):
+    demo = app.build_demo(session)
     demo.queue(default_concurrency_limit=2)
     _, address, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True,
                                 allowed_paths=[str(app.EXAMPLES_DIR)])
@@ -73,7 +83,7 @@ def _tab(driver, name: str) -> None:
     buttons[0].click()
 
 
-def test_page_runs_an_example_and_every_panel_renders(url, browser, tmp_path):
+def test_page_runs_an_example_and_every_panel_renders(url, session, browser, tmp_path):
     start = time.perf_counter()
     browser.get(url)
     row = WebDriverWait(browser, 90).until(lambda d: [e for e in d.find_elements(
@@ -88,7 +98,7 @@ def test_page_runs_an_example_and_every_panel_renders(url, browser, tmp_path):
     for selector in ("#fused-mask img", "#probability img", "#uncertainty img"):
         _wait_for(browser, selector)
     verdict = browser.find_element(By.ID, "verdict").text
-    assert verdict.startswith(("Found", "No target found")) and "2 checkpoints" in verdict
+    assert verdict.startswith(("Found", "No target found")) and f"{session.n_members} checkpoints" in verdict
     _wait_for(browser, "#exports a")
     assert "_mask-" in browser.find_element(By.ID, "exports").text                  # the PNG mask to download
     assert "total" in browser.find_element(By.ID, "timing").text

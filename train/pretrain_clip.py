@@ -1,7 +1,7 @@
 """Contrastive pretraining of the offline ``mini`` CLIP (BiomedCLIP's stand-in) on image-caption pairs.
 
     python -m train.pretrain_clip --data DIR --out assets/backbones/mini-clip [--epochs N] [--batch-size B]
-        [--lr LR] [--seed S] [--amp auto|bf16|fp32] [--workers N] [--max-steps N] [--force]
+        [--lr LR] [--seed S] [--amp auto|bf16|fp32] [--workers N] [--max-steps N] [--save-dtype fp16|fp32] [--force]
 
 The ``mini`` preset's CLIP (ViT-Tiny/16 + a 4-layer BERT with a character-fallback WordPiece vocabulary,
 ``freqmedclip.backbone.create_clip_model``) is trained from scratch with open_clip's ``ClipLoss`` and a learnable
@@ -88,7 +88,8 @@ LIGHT_AUGMENT = Augment(hflip=0.5, vflip=0.0, rotate_deg=10.0, scale=(0.9, 1.1),
 OWN_FILES = {"open_clip_config.json", "config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"}
 # Arguments that change the result: a resumed or finished run must have been started with the same values.
 RESULT_ARGS = ("data", "train_split", "preset", "epochs", "batch_size", "lr", "weight_decay", "warmup_steps",
-               "grad_clip", "seed", "max_steps")
+               "grad_clip", "seed", "max_steps", "save_dtype")
+SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -346,6 +347,14 @@ def retrieval_metrics(model: nn.Module, tokenizer: Any, root: Path, items: Seque
     }
 
 
+@torch.no_grad()
+def round_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round every floating-point parameter and buffer to ``dtype``'s precision, in place (dtype unchanged)."""
+    for tensor in model.state_dict().values():
+        if tensor.is_floating_point():
+            tensor.copy_(tensor.to(dtype))
+
+
 # ---- main ----
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -375,6 +384,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--log-every", type=int, default=10, help="print loss and seconds per step every N steps")
     group.add_argument("--eval-every", type=int, default=0, help="also evaluate on --val-split every N epochs")
     group.add_argument("--force", action="store_true", help="start over, replacing a finished or foreign --out")
+    group.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="fp16",
+                       help="dtype of the written weights (fp16 halves the shipped file; the final retrieval metrics "
+                            "are measured on the rounded weights)")
     return parser.parse_args(argv)
 
 
@@ -504,8 +516,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} loss {record['loss']:.4f} "
               f"scale {record['logit_scale']:.1f} {record['seconds_per_step']:.2f} s/step{summary}", flush=True)
 
+    round_weights(model, SAVE_DTYPES[args.save_dtype])  # segmentation is trained on exactly the shipped weights
     val = retrieval_metrics(model, tokenizer, args.data, val_items, device, amp)
-    save_clip_dir(model, args.out)
+    save_clip_dir(model, args.out, SAVE_DTYPES[args.save_dtype])
     metrics = {
         "args": progress["args"],
         "finished": True,

@@ -97,7 +97,11 @@ def publishing(directory: Path) -> Iterator[Path]:
     tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f"{directory.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
         os.replace(directory, old)
