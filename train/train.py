@@ -252,8 +252,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     rank, _, world, device = distributed.setup(args.device)
     try:
-        return train(args, ["python", "-m", "train.train", *argv] if argv is not None else sys.argv, rank, world,
-                     device)
+        return train(args, ["python", "-m", "train.train", *(argv if argv is not None else sys.argv[1:])], rank,
+                     world, device)
     finally:
         distributed.cleanup()
 

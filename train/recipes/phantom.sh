@@ -89,11 +89,11 @@ main_part() {
 ablations() {
     make_data
     pretrain
-    local specs=(mini:0)
+    local specs=()
     for variant in "${ABLATIONS[@]}"; do specs+=("mini_$variant:0"); done
     train "${specs[@]}"
     step "evaluate the ablations on the test split -> $RESULTS-ablations"
-    local runs=("FreqMedCLIP-mini (seed 0)=runs/mini-seed0")
+    local runs=("FreqMedCLIP-mini (seed 0)=$ENSEMBLE/mini-seed0")   # the shipped (fp16) seed-0 checkpoint
     for variant in "${ABLATIONS[@]}"; do runs+=("$variant=runs/mini_$variant-seed0"); done
     python -m train.evaluate --data "$DATA" --split test --out "$RESULTS-ablations" --runs "${runs[@]}" \
         --full-method "FreqMedCLIP-mini (seed 0)"

@@ -1,0 +1,84 @@
+"""The shipped assets: the pretrained mini backbone and the published checkpoints are complete, consistent with
+each other, within the size budget, documented (command, metrics, fp16 check), and segment the bundled examples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from freqmedclip.backbone import sha256_file
+from freqmedclip.checkpoint import read_checkpoint_header
+from freqmedclip.demo import find_checkpoints, load_session
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+BACKBONE = ASSETS / "backbones" / "mini-clip"
+ENSEMBLE = sorted((ASSETS / "checkpoints").glob("*/config.json"))
+BASELINES = sorted((ASSETS / "baselines").glob("*/config.json"))
+SIZE_BUDGET_MB = 60
+
+
+def _float_dtypes(path: Path) -> set[torch.dtype]:
+    with safe_open(str(path), "pt") as weights:
+        return {t.dtype for t in map(weights.get_tensor, weights.keys()) if t.is_floating_point()}
+
+
+def test_shipped_weights_fit_the_budget_and_are_fp16():
+    files = [BACKBONE / "open_clip_model.safetensors", *(c.parent / "model.safetensors" for c in ENSEMBLE + BASELINES)]
+    assert len(ENSEMBLE) == 3 and len(BASELINES) == 2
+    assert sum(f.stat().st_size for f in files) / 2**20 <= SIZE_BUDGET_MB
+    for path in files:
+        assert _float_dtypes(path) == {torch.float16}, path
+
+
+def test_backbone_records_how_it_was_made():
+    metrics = json.loads((BACKBONE / "pretrain_metrics.json").read_text())
+    assert metrics["finished"] and metrics["command"].startswith("python -m train.pretrain_clip --data data/phantoms")
+    assert metrics["args"]["save_dtype"] == "fp16"
+    assert metrics["val"]["domain_accuracy"] > 0.9        # zero-shot "brain MRI" / "mammogram" / "lung CT"
+
+
+@pytest.mark.parametrize("config", ENSEMBLE + BASELINES, ids=lambda c: c.parent.name)
+def test_checkpoint_is_tied_to_the_shipped_backbone_and_documented(config):
+    header = read_checkpoint_header(config.parent)
+    assert header["backbone"] == {"source": "local-dir:assets/backbones/mini-clip",
+                                  "sha256": sha256_file(BACKBONE / "open_clip_model.safetensors")}
+    metadata = header["metadata"]
+    # the trainer's flags (checkpoints trained before the command was normalised record argv[0] as train/train.py)
+    name, seed = config.parent.name.rsplit("-seed", 1) if "-seed" in config.parent.name else (config.parent.name, "0")
+    assert metadata["command"][-4:] == ["--config", f"train/configs/{name}.yaml", "--seed", seed]
+    assert metadata["args"]["config"] == f"train/configs/{name}.yaml"
+    assert metadata["metrics"]["val"]["dice"] == metadata["metrics"]["best_dice"]      # best/ = the best validation
+    export = metadata["export"]
+    assert export["dtype"] == "fp16" and export["command"].startswith("python -m train.export runs/")
+    assert export["check"]["split"] == "test" and export["check"]["max_abs_dice_change"] <= 0.005
+    assert (config.parent / "metrics.jsonl").is_file()
+
+
+def test_demo_default_is_the_three_seed_ensemble():
+    variants = [read_checkpoint_header(c.parent)["config"]["variant"] for c in ENSEMBLE]
+    seeds = [read_checkpoint_header(c.parent)["metadata"]["args"]["seed"] for c in ENSEMBLE]
+    assert find_checkpoints() == [c.parent for c in ENSEMBLE]
+    assert variants == ["full"] * 3 and seeds == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_session()
+
+
+@pytest.mark.parametrize("example", json.loads((ASSETS / "examples" / "examples.json").read_text()),
+                         ids=lambda e: e["dataset"])
+def test_shipped_ensemble_segments_each_example_and_ignores_the_other_domains(shipped, example):
+    image = np.asarray(Image.open(ASSETS / "examples" / example["image"]))
+    others = [e["prompt"] for e in json.loads((ASSETS / "examples" / "examples.json").read_text())
+              if e["dataset"] != example["dataset"]]
+    found = shipped.predictor.predict(image, example["prompt"], modality=example["modality"])
+    assert found.found and 0.001 < found.area_fraction < 0.3
+    for prompt in others:
+        assert shipped.predictor.predict(image, prompt, modality=example["modality"]).area_fraction < 0.01
