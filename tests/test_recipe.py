@@ -1,0 +1,85 @@
+"""train/recipes/phantom.sh: the steps it runs, in order, with a stand-in `python` that only records its calls."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "train" / "recipes" / "phantom.sh"
+ENSEMBLE = "assets/checkpoints/mini-seed0,assets/checkpoints/mini-seed1,assets/checkpoints/mini-seed2"
+
+
+@pytest.fixture
+def recorded(tmp_path):
+    """Run the recipe from a copy of the repository (so nothing real is touched) with a recording `python`."""
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "train", repo / "train", ignore=shutil.ignore_patterns("__pycache__"))
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$* [threads=$OMP_NUM_THREADS]" >> "{log}"\n')
+    (bin_dir / "python").chmod(0o755)
+
+    def run(*args: str, **env: str) -> list[str]:
+        log.unlink(missing_ok=True)
+        environment = {k: v for k, v in os.environ.items() if k not in ("JOBS", "OMP_NUM_THREADS")}
+        environment.update(env, PATH=f"{bin_dir}:{os.environ['PATH']}")
+        subprocess.run(["bash", str(repo / "train" / "recipes" / "phantom.sh"), *args], env=environment, check=True,
+                       capture_output=True, text=True)
+        return log.read_text().splitlines()
+
+    run.repo = repo
+    return run
+
+
+def test_main_part_runs_data_backbone_five_trainings_publishing_and_evaluation_in_order(recorded):
+    calls = recorded()
+    assert calls[:2] == ["-m freqmedclip.data.phantoms --out data/phantoms --workers 2 [threads=]",
+                         "-m train.pretrain_clip --data data/phantoms --out assets/backbones/mini-clip [threads=]"]
+    assert calls[2:7] == [f"-m train.train --config train/configs/{c}.yaml --seed {s} [threads=]" for c, s in
+                          (("mini", 0), ("mini", 1), ("mini", 2), ("mini_semantic_only", 0),
+                           ("mini_frequency_only", 0))]
+    assert calls[7:12] == [f"-m train.export runs/{run} {dest} --data data/phantoms [threads=]" for run, dest in
+                           (("mini-seed0", "assets/checkpoints/mini-seed0"),
+                            ("mini-seed1", "assets/checkpoints/mini-seed1"),
+                            ("mini-seed2", "assets/checkpoints/mini-seed2"),
+                            ("mini_semantic_only-seed0", "assets/baselines/mini_semantic_only"),
+                            ("mini_frequency_only-seed0", "assets/baselines/mini_frequency_only"))]
+    assert calls[12].startswith("-m train.evaluate --data data/phantoms --split test --out results/phantom ")
+    assert f"FreqMedCLIP-mini (3-seed ensemble)={ENSEMBLE}" in calls[12] and len(calls) == 13
+
+
+def test_two_jobs_train_with_one_thread_each(recorded):
+    trainings = [c for c in recorded(JOBS="2") if c.startswith("-m train.train")]
+    assert len(trainings) == 5 and all(c.endswith("[threads=1]") for c in trainings)
+
+
+def test_an_up_to_date_checkpoint_is_not_published_again(recorded):
+    run, dest = recorded.repo / "runs" / "mini-seed1" / "best", recorded.repo / "assets" / "checkpoints" / "mini-seed1"
+    run.mkdir(parents=True)
+    dest.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    os.utime(run / "config.json", (1_000_000, 1_000_000))
+    (dest / "config.json").write_text("{}")
+    exports = [c for c in recorded() if c.startswith("-m train.export")]
+    assert len(exports) == 4 and not any("runs/mini-seed1 " in c for c in exports)
+
+
+def test_ablations_train_every_table_4_variant_and_compare_with_the_shipped_seed_0(recorded):
+    calls = recorded("ablations")
+    trainings = [c.split("configs/")[1].split(".yaml")[0] for c in calls if c.startswith("-m train.train")]
+    assert trainings == ["mini_no_freq", "mini_no_ffbi", "mini_no_lffi", "mini_no_dual_decoder", "mini_no_tca"]
+    assert "FreqMedCLIP-mini (seed 0)=assets/checkpoints/mini-seed0" in calls[-1]
+    assert "--out results/phantom-ablations" in calls[-1]
+
+
+def test_unknown_stage_is_refused(recorded):
+    with pytest.raises(subprocess.CalledProcessError) as error:
+        recorded("everything")
+    assert error.value.returncode == 2 and "usage" in error.value.stderr
