@@ -76,11 +76,13 @@ def test_compare_masks_sees_a_different_model(mini_backbone, disc_data):
     assert other["records_changed"] > 0 and other["min_mask_dice_vs_original"] < 0.99
 
 
-def test_a_failed_check_leaves_the_destination_untouched(run_dir, disc_data, tmp_path):
+@pytest.mark.parametrize("limit", [("--max-dice-change", "-1"), ("--min-mask-dice", "1.01")],
+                         ids=["dice-vs-ground-truth", "mask-vs-original"])
+def test_a_failed_check_leaves_the_destination_untouched(run_dir, disc_data, tmp_path, limit):
     dest = tmp_path / "published"
     dest.mkdir()
     (dest / "keep.txt").write_text("previous release")
     with pytest.raises(SystemExit, match="left unchanged"):
-        export.main([str(run_dir), str(dest), "--data", str(disc_data), "--max-dice-change", "-1"])
+        export.main([str(run_dir), str(dest), "--data", str(disc_data), *limit])
     assert [p.name for p in dest.iterdir()] == ["keep.txt"]
     assert not list(tmp_path.glob(".published*"))

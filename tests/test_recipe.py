@@ -23,7 +23,15 @@ def recorded(tmp_path):
     shutil.copytree(REPO / "train", repo / "train", ignore=shutil.ignore_patterns("__pycache__"))
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.txt"
     bin_dir.mkdir()
-    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$* [threads=$OMP_NUM_THREADS]" >> "{log}"\n')
+    # records its call; a training call leaves runs/<config>-seed<seed>/best/config.json unless one exists
+    # (or $NO_RUNS is set: a training that produced nothing)
+    (bin_dir / "python").write_text(f"""#!/bin/sh
+echo "$* [threads=$OMP_NUM_THREADS]" >> "{log}"
+run=$(echo "$*" | sed -n 's/.*configs\\/\\([^ ]*\\)\\.yaml --seed \\([0-9]*\\).*/\\1-seed\\2/p')
+if [ -n "$run" ] && [ -z "$NO_RUNS" ] && [ ! -f "runs/$run/best/config.json" ]; then
+    mkdir -p "runs/$run/best" && echo {{}} > "runs/$run/best/config.json"
+fi
+""")
     (bin_dir / "python").chmod(0o755)
 
     def run(*args: str, **env: str) -> list[str]:
@@ -77,6 +85,19 @@ def test_ablations_train_every_table_4_variant_and_compare_with_the_shipped_seed
     assert trainings == ["mini_no_freq", "mini_no_ffbi", "mini_no_lffi", "mini_no_dual_decoder", "mini_no_tca"]
     assert "FreqMedCLIP-mini (seed 0)=assets/checkpoints/mini-seed0" in calls[-1]
     assert "--out results/phantom-ablations" in calls[-1]
+
+
+def test_publishing_refuses_a_run_that_does_not_exist(recorded):
+    with pytest.raises(subprocess.CalledProcessError) as error:
+        recorded(NO_RUNS="1")
+    assert "runs/mini-seed0/best/config.json is missing" in error.value.stderr
+
+
+@pytest.mark.parametrize("jobs", ["0", "two"])
+def test_jobs_must_be_a_positive_integer(recorded, jobs):
+    with pytest.raises(subprocess.CalledProcessError) as error:
+        recorded(JOBS=jobs)
+    assert error.value.returncode == 2 and "JOBS must be a positive integer" in error.value.stderr
 
 
 def test_unknown_stage_is_refused(recorded):

@@ -123,7 +123,7 @@ def test_publishing_swaps_directories_atomically(tmp_path):
         (tmp / "weights").write_text("half")
         raise Crash
     assert (target / "weights").read_text() == "2"
-    os.replace(target, tmp_path / "latest.old")                             # killed between the two renames
+    os.replace(target, tmp_path / ".latest.old")                             # killed between the two renames
     state.recover(target)
     assert (target / "weights").read_text() == "2"
 

@@ -6,7 +6,8 @@ Reads ``SOURCE`` (a checkpoint, or a run directory's ``best/``), writes ``DEST``
 weights in ``--dtype`` (float16 by default: half the size), then predicts every record of ``--split`` with both
 and records in the checkpoint's metadata how much the masks moved: the smallest Dice between an original and a
 published mask, and the largest change of any record's Dice against its ground truth. Fails, leaving ``DEST``
-untouched, when that change exceeds ``--max-dice-change``. The run's ``metrics.jsonl`` and ``curves.png``
+untouched, when that change exceeds ``--max-dice-change`` or a mask's Dice to its original falls below
+``--min-mask-dice``. The run's ``metrics.jsonl`` and ``curves.png``
 (training history) are copied along when present.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from freqmedclip.checkpoint import load_checkpoint, read_checkpoint_header, save
 from freqmedclip.data.dataset import SegmentationDataset
 from freqmedclip.model import FreqMedCLIP
 from train.evaluate import resolve_checkpoint
-from train.state import publishing
+from train.state import publishing, recover
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RUN_FILES = ("metrics.jsonl", "curves.png")
@@ -49,8 +50,9 @@ def compare_masks(original: FreqMedCLIP, published: FreqMedCLIP, dataset: Segmen
 
 
 def export(source: Path, dest: Path, data: Path, split: str = "test", dtype: str = "fp16",
-           max_dice_change: float = 0.005, command: str = "") -> dict[str, Any]:
+           max_dice_change: float = 0.005, min_mask_dice: float = 0.95, command: str = "") -> dict[str, Any]:
     """Write ``source`` to ``dest`` in ``dtype`` and return the check recorded in its metadata."""
+    recover(Path(dest))
     source = resolve_checkpoint(Path(source))
     original = load_checkpoint(source)
     metadata = dict(read_checkpoint_header(source)["metadata"])
@@ -59,9 +61,11 @@ def export(source: Path, dest: Path, data: Path, split: str = "test", dtype: str
         save_checkpoint(tmp, original, metadata, dtype=DTYPES[dtype])
         published = load_checkpoint(tmp, backbone=original.clip_backbone)
         check = compare_masks(original, published, dataset, split)
-        if check["max_abs_dice_change"] > max_dice_change:
-            raise SystemExit(f"{dtype} changes a mask's Dice by {check['max_abs_dice_change']:.4f} > "
-                             f"{max_dice_change} on {split}; {dest} left unchanged (try --dtype fp32)")
+        if check["max_abs_dice_change"] > max_dice_change or check["min_mask_dice_vs_original"] < min_mask_dice:
+            raise SystemExit(f"{dtype} changes a mask's Dice by up to {check['max_abs_dice_change']:.4f} (limit "
+                             f"{max_dice_change}) and leaves a mask with Dice {check['min_mask_dice_vs_original']:.4f} "
+                             f"to its original (limit {min_mask_dice}) on {split}; {dest} left unchanged (try --dtype "
+                             f"fp32)")
         metadata["export"] = {"source": str(source), "dtype": dtype, "command": command, "check": check}
         save_checkpoint(tmp, published, metadata, dtype=DTYPES[dtype])
         for name in RUN_FILES:
@@ -78,10 +82,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data", type=Path, required=True, help="dataset root for the mask check")
     parser.add_argument("--split", default="test", help="records on which the masks are compared")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    parser.add_argument("--max-dice-change", type=float, default=0.005)
+    parser.add_argument("--max-dice-change", type=float, default=0.005,
+                        help="largest allowed change of a record's Dice against its ground truth")
+    parser.add_argument("--min-mask-dice", type=float, default=0.95,
+                        help="smallest allowed Dice between a mask and its original (catches changed false alarms, "
+                             "which score Dice 0 against an empty target either way)")
     args = parser.parse_args(argv)
     command = " ".join(["python -m train.export", *(argv if argv is not None else sys.argv[1:])])
-    check = export(args.source, args.dest, args.data, args.split, args.dtype, args.max_dice_change, command)
+    check = export(args.source, args.dest, args.data, args.split, args.dtype, args.max_dice_change,
+                   args.min_mask_dice, command)
     print(f"{args.dest}: {args.dtype}, {check['records']} {check['split']} records, masks changed in "
           f"{check['records_changed']}, max |dDice| {check['max_abs_dice_change']:.5f}, "
           f"min Dice(original, published) {check['min_mask_dice_vs_original']:.5f}")

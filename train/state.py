@@ -5,7 +5,7 @@ Notable choices:
   ``train_state.safetensors`` under its dotted path, everything else to ``train_state.json`` with a
   ``{"tensor": path}`` stub in the tensor's place. JSON turns int keys into strings; the optimizer's are restored.
 * A checkpoint directory is filled as a hidden sibling, then swapped in with two renames
-  (target -> target.old, tmp -> target); :func:`recover` completes a swap that a kill -9 cut in half.
+  (target -> .target.old, tmp -> target; both hidden, so a glob for checkpoints never sees them); :func:`recover` completes a swap that a kill -9 cut in half.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def load_train_state(directory: Path) -> dict[str, Any]:
 def publishing(directory: Path) -> Iterator[Path]:
     """Write a directory atomically: fill the yielded temporary sibling, which is swapped in when the block ends
     without an exception (see :func:`recover`)."""
-    tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f"{directory.name}.old")
+    tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -111,6 +111,6 @@ def publishing(directory: Path) -> Iterator[Path]:
 
 def recover(directory: Path) -> None:
     """Finish a swap that a crash interrupted between its two renames."""
-    old = directory.with_name(f"{directory.name}.old")
+    old = directory.with_name(f".{directory.name}.old")
     if not directory.exists() and old.exists():
         os.replace(old, directory)
