@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from .checkpoint import atomic_write
 from .config import FreqMedCLIPConfig
 from .model import build_model, parameter_report
 from . import precision
@@ -70,6 +71,12 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
         synchronize(device)
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Write a benchmark's result dict to ``path`` (atomically; parent folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
 
 
 def device_name(device: torch.device) -> str:
@@ -161,8 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(args.preset, args.device, args.dtype, args.warmup, args.repeats)
     print(format_report(result))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return result
 
 

@@ -20,6 +20,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BACKBONE = ASSETS / "backbones" / "mini-clip"
 ENSEMBLE = sorted((ASSETS / "checkpoints").glob("*/config.json"))
 BASELINES = sorted((ASSETS / "baselines").glob("*/config.json"))
+EXAMPLES = json.loads((ASSETS / "examples" / "examples.json").read_text())
 SIZE_BUDGET_MB = 60
 
 
@@ -72,12 +73,10 @@ def shipped():
     return load_session()
 
 
-@pytest.mark.parametrize("example", json.loads((ASSETS / "examples" / "examples.json").read_text()),
-                         ids=lambda e: e["dataset"])
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e["dataset"])
 def test_shipped_ensemble_segments_each_example_and_ignores_the_other_domains(shipped, example):
     image = np.asarray(Image.open(ASSETS / "examples" / example["image"]))
-    others = [e["prompt"] for e in json.loads((ASSETS / "examples" / "examples.json").read_text())
-              if e["dataset"] != example["dataset"]]
+    others = [e["prompt"] for e in EXAMPLES if e["dataset"] != example["dataset"]]
     found = shipped.predictor.predict(image, example["prompt"], modality=example["modality"])
     assert found.found and 0.001 < found.area_fraction < 0.3
     for prompt in others:

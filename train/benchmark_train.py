@@ -15,7 +15,6 @@ excluded by ``--warmup``. On CPUs without AMX/AVX512-BF16, bf16 autocast is slow
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from freqmedclip.benchmark import device_name, peak_memory_mb, synchronize
+from freqmedclip.benchmark import device_name, peak_memory_mb, synchronize, write_json
 from freqmedclip.config import VARIANTS, FreqMedCLIPConfig
 from freqmedclip.losses import segmentation_loss
 from freqmedclip.model import build_model
@@ -122,8 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{result['timed_steps']}), {result['images_per_s']:.2f} images/s, peak {result['peak_memory_mb']:.0f} MiB "
           f"({result['peak_memory_kind']})")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return result
 
 
