@@ -34,7 +34,7 @@ class FiLM(nn.Module):
 
 
 class DecoderStage(nn.Module):
-    """Eq. 15: Y = ConvBlock(concat(X, S)); Y' = FiLM(Y, t-bar); X_next = Up2(Y')."""
+    """Eq. 15 up to its upsampling: Y = ConvBlock(concat(X, S)); Y' = FiLM(Y, t-bar) (the decoder applies Up2)."""
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, text_dim: int | None,
                  film_hidden: int) -> None:
@@ -47,7 +47,7 @@ class DecoderStage(nn.Module):
         y = self.block(torch.cat([x, skip], dim=1))
         if self.film is not None:
             y = self.film(y, condition)
-        return upsample(y)
+        return y
 
 
 class Decoder(nn.Module):
@@ -69,9 +69,12 @@ class Decoder(nn.Module):
         self.head = nn.Conv2d(channels[-1], 1, 1)                                          # Head_s / Head_f
 
     def forward(self, x: Tensor, skips: tuple[Tensor, Tensor, Tensor], condition: Tensor | None) -> Tensor:
-        for stage, skip in zip(self.stages, skips):
-            x = stage(x, skip, condition)                                                   # 28 -> 56 -> 112 -> 224
-        return self.head(x)                                                                 # (B, 1, 224, 224)
+        *inner, last = self.stages
+        for stage, skip in zip(inner, skips):
+            x = upsample(stage(x, skip, condition))                                         # 28 -> 56 -> 112
+        # Eq. 15's last Up2 and the 1x1 head are both linear and bilinear weights sum to 1, so they commute:
+        # the head runs first, at 112, and one channel is upsampled instead of C (same logits, less work).
+        return upsample(self.head(last(x, skips[-1], condition)))                          # (B, 1, 224, 224)
 
 
 class FusionHead(nn.Module):

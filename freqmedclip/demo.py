@@ -10,10 +10,11 @@ A :class:`DemoSession` wraps a :class:`~freqmedclip.predictor.Predictor` (one mo
 * :meth:`DemoSession.segment`: the ``/segment`` API (file, prompt) -> mask and overlay.
 
 Notable choices:
-* Model work is serialised by one lock per session: the text-feature cache and Grad-CAM's hooks live on shared
-  modules, so concurrent requests never see each other's state (results equal sequential ones).
-* The workbench and the main prediction share one batched forward (main prompt, workbench prompts, control).
-  Its statistics are computed on the model's 224x224 grid; the main mask and its exports at the input's size.
+* Model work is serialised by one lock per session: the text-feature cache lives on shared modules, and parallel
+  forwards would only compete for the same cores (results equal sequential ones).
+* The workbench and the main prediction share one batched forward (main prompt, workbench prompts, control),
+  and Grad-CAM reuses its encoder features: only the main prompt's decoding runs again, with gradients.
+  Statistics are computed on the model's 224x224 grid; the main mask and its exports at the input's size.
 * Text reliance = 1 - mean_i IoU(M_i, M_control) over the user's prompts i, where M_control is the mask of a
   nonsense control prompt. 0: every prompt gives the control's mask (the text is ignored); 1: no prompt's mask
   overlaps the control's (the text decides). Two empty masks count as identical (IoU 1).
@@ -45,9 +46,9 @@ from .demo_io import (
     load_upload,
     prune,
 )
-from .explain import ffbi_attention, stream_gradcam, wavelet_bands
+from .explain import StreamCAMs, ffbi_attention, wavelet_bands
 from .frequency import BANDS
-from .model import ALL_ON, FreqMedCLIP, Switches
+from .model import ALL_ON, Switches
 from .predictor import Predictor
 from .preprocess import InputError, resize_to
 
@@ -143,23 +144,6 @@ class Workbench:
                 f"control's; 0 = the prompt is ignored, 1 = the prompt decides the mask).")
 
 
-def ensemble_gradcam(models: Sequence[FreqMedCLIP], image: Tensor, prompt: str,
-                     switches: Switches = ALL_ON) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Mean over an ensemble of each stream's Grad-CAM (each member's map min-max normalised first).
-
-    image: (1, 3, 224, 224). Returns (semantic, frequency) maps (224, 224) in [0, 1]; None for an absent or
-    switched-off stream.
-    """
-    semantic, frequency = [], []
-    for model in models:
-        cams = stream_gradcam(model, image, prompt, switches)
-        if cams.semantic is not None:
-            semantic.append(cams.semantic)
-        if cams.frequency is not None:
-            frequency.append(cams.frequency)
-    return tuple(np.mean(maps, axis=0) if maps else None for maps in (semantic, frequency))
-
-
 # ---------------------------------------------------------------- results of one update
 
 @dataclass
@@ -226,13 +210,10 @@ class DemoSession:
         tensor, _ = self.predictor.prepare(loaded.array, loaded.modality, loaded.window)
         return tensor
 
-    def _forward(self, tensor: Tensor, prompts: list[str], switches: Switches) -> dict[str, Tensor | None]:
+    def _forward(self, tensor: Tensor, prompts: list[str], switches: Switches,
+                 explain: str | None = None) -> dict[str, Tensor | StreamCAMs | None]:
         with self.lock:
-            return self.predictor.predict_tensor(tensor, prompts, switches)
-
-    def _gradcams(self, tensor: Tensor, prompt: str, switches: Switches) -> tuple[np.ndarray | None, ...]:
-        with self.lock:
-            return ensemble_gradcam(self.predictor.models, tensor, prompt, switches)
+            return self.predictor.predict_tensor(tensor, prompts, switches, explain)
 
     def workbench(self, loaded: LoadedImage | None, prompts: str | Sequence[str], control: str = CONTROL_PROMPT,
                   threshold: float = 0.5, switches: Switches = ALL_ON) -> Workbench:
@@ -273,10 +254,10 @@ class DemoSession:
         size, view_hw = loaded.size, view.shape[:2]
         clock = _timed(timings, "prepare", clock)
 
-        progress(0.15, "segmenting (all prompts in one batch)")
+        progress(0.15, "segmenting (all prompts in one batch) and Grad-CAM of both streams")
         batch = list(dict.fromkeys([prompt, *bench_prompts, control]))
-        maps = self._forward(tensor, batch, switches)
-        clock = _timed(timings, "forward", clock)
+        maps = self._forward(tensor, batch, switches, explain=prompt)
+        clock = _timed(timings, "forward+gradcam", clock)
         main = batch.index(prompt)
         probability = maps["probability"][main:main + 1].float()                        # (1, 1, 224, 224)
         full = resize_to(probability, size)[0, 0].cpu().numpy()
@@ -292,10 +273,6 @@ class DemoSession:
             verdict += "\n\n" + _ablation_note(switches, probability[0, 0].cpu().numpy() >= threshold,
                                                reference >= threshold)
 
-        progress(0.45, "Grad-CAM of both streams")
-        cam_semantic, cam_frequency = self._gradcams(tensor, prompt, switches)
-        clock = _timed(timings, "gradcam", clock)
-
         progress(0.75, "sub-bands, branches, workbench")
         bands = wavelet_bands(tensor)
         # one colour scale for the three detail bands (their relative energy is the point), robust to a few edges
@@ -306,7 +283,7 @@ class DemoSession:
         branches = {key: render.heat_panel(view, maps[key][main, 0].float().cpu().numpy(), "viridis", 0.6, "p = 1",
                                            "p = 0") for key in ("semantic", "frequency") if maps[key] is not None}
         cams = [None if cam is None else render.heat_panel(view, cam, "jet", 0.5, "1 (most relevant)", "0")
-                for cam in (cam_semantic, cam_frequency)]
+                for cam in maps["gradcam"]]
         bench = None
         if bench_prompts:
             bench = self._workbench_from(maps["probability"], batch, bench_prompts, control, threshold, view)

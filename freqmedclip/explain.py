@@ -1,18 +1,18 @@
 """Explanations as arrays: the Haar sub-bands the encoder sees, per-stream Grad-CAM, FFBI attention.
 
 Notable choices:
-* Grad-CAM uses plain hooks on the model's named taps (``semantic_tap`` on S1, ``frequency_tap`` on F3, both
-  14x14 and both trainable-path tensors), so one forward and one backward give both maps. The backward asks for
-  the taps' gradients only (``torch.autograd.grad``): it stops at the taps and touches no parameter's ``.grad``.
-  The target is the sum of the fused logits inside the predicted region (the whole image if nothing is predicted).
-* Hooks live on shared modules, so registering them and the forward are serialised by a lock: concurrent
-  requests of a server can never see each other's activations.
+* Grad-CAM differentiates the fused logits with respect to both streams' bottleneck features (S1 and F3, 14x14,
+  what FFBI receives), through the bottleneck only, so one backward gives both maps and both measure the same
+  path (S1 also seeds the FPN's top-down S2-S4, a path F3 has no counterpart of; it is left out). It needs no hooks: :meth:`FreqMedCLIP.encode` gives the
+  features (without gradients, possibly from a batched forward that already ran), and only
+  :meth:`FreqMedCLIP.decode` of the explained row is run again with S1 and F3 as gradient leaves. The backward
+  (``torch.autograd.grad``) stops at those leaves and touches no parameter's ``.grad``. The target is the sum
+  of the fused logits inside the predicted region (the whole image if nothing is predicted).
 """
 
 from __future__ import annotations
 
-import threading
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -20,9 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .frequency import BANDS, subband_input
-from .model import ALL_ON, FreqMedCLIP, Switches
-
-_HOOK_LOCK = threading.Lock()
+from .model import ALL_ON, FreqMedCLIP, StreamFeatures, Switches
 
 
 def wavelet_bands(image: Tensor) -> dict[str, np.ndarray]:
@@ -54,38 +52,45 @@ def stream_gradcam(model: FreqMedCLIP, image: Tensor, prompt: str, switches: Swi
 
     image: (1, 3, 224, 224) in [0, 1]. Maps are (224, 224); a stream the variant lacks gives None.
     """
-    taps = {"semantic": model.semantic_tap if model.semantic is not None else None,
-            "frequency": model.frequency_tap if model.config.uses_frequency else None}
-    activations: dict[str, Tensor] = {}
+    with torch.no_grad():
+        features = model.encode(image, [prompt], switches)
+    return features_gradcam(model, features, tuple(image.shape[-2:]), switches)
 
-    def keep(name: str):
-        def hook(module, inputs, output):
-            if output.requires_grad:  # a switched-off stream's tap carries constant zeros: no map
-                activations[name] = output
-        return hook
 
-    with _HOOK_LOCK:
-        handles = [tap.register_forward_hook(keep(name)) for name, tap in taps.items() if tap is not None]
-        try:
-            with torch.enable_grad():
-                # The image needs a gradient so that even a fully frozen semantic path (no TCA) builds a graph.
-                output = model(image.detach().clone().requires_grad_(True), [prompt], switches=switches)
-        finally:
-            for handle in handles:
-                handle.remove()
-    if not activations:
+def features_gradcam(model: FreqMedCLIP, features: StreamFeatures, size: tuple[int, int],
+                     switches: Switches = ALL_ON) -> StreamCAMs:
+    """Grad-CAM from already encoded features of one row (``StreamFeatures.row``): reruns only the decoding.
+
+    Maps are ``size`` (the model's input size); a stream that is absent or switched off gives None.
+    """
+    semantic = None if features.semantic is None else features.semantic[0].detach().requires_grad_(True)
+    frequency = None
+    if features.frequency is not None and switches.frequency:
+        frequency = features.frequency[0].detach().requires_grad_(True)
+    leaves = {name: leaf for name, leaf in (("semantic", semantic), ("frequency", frequency)) if leaf is not None}
+    if not leaves:
         return StreamCAMs(None, None)
-    logits = output.logits
-    region = (logits.detach() > 0).float()
-    if region.sum() == 0:
-        region = torch.ones_like(region)
-    # Gradients to the taps only: autograd runs just the decoders and the fusion (never the encoders) and
-    # leaves no .grad on any parameter.
-    gradients = torch.autograd.grad((logits * region).sum(), list(activations.values()), allow_unused=True)
-    size = tuple(image.shape[-2:])
-    maps = {name: (_normalised_cam(a, g, size) if g is not None else None)
-            for (name, a), g in zip(activations.items(), gradients, strict=True)}
+    replace = (lambda maps, leaf: maps if leaf is None else (leaf, *maps[1:]))
+    with torch.enable_grad():
+        logits = model.decode(features._replace(semantic=replace(features.semantic, semantic),
+                                                frequency=replace(features.frequency, frequency)),
+                              switches=switches).logits
+        region = (logits.detach() > 0).float()
+        if region.sum() == 0:
+            region = torch.ones_like(region)
+        gradients = torch.autograd.grad((logits * region).sum(), list(leaves.values()), allow_unused=True)
+    maps = {name: (_normalised_cam(leaf, gradient, size) if gradient is not None else None)
+            for (name, leaf), gradient in zip(leaves.items(), gradients, strict=True)}
     return StreamCAMs(maps.get("semantic"), maps.get("frequency"))
+
+
+def mean_cams(cams: Sequence[StreamCAMs]) -> StreamCAMs:
+    """The ensemble's Grad-CAM: per stream, the mean of the members' (already min-max normalised) maps."""
+    means = []
+    for stream in StreamCAMs._fields:
+        maps = [getattr(c, stream) for c in cams if getattr(c, stream) is not None]
+        means.append(np.mean(maps, axis=0) if maps else None)
+    return StreamCAMs(*means)
 
 
 class AttentionMaps(NamedTuple):

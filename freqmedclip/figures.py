@@ -29,7 +29,6 @@ from matplotlib.lines import Line2D
 
 from .checkpoint import atomic_write, load_ensemble
 from .data.format import StructureRecord, load_image, load_mask, read_manifest
-from .demo import ensemble_gradcam
 from .demo_render import resize_map
 from .metrics import dice
 from .predictor import Predictor
@@ -144,7 +143,7 @@ def render_figures(predictor: Predictor, baseline: Predictor | None, root: Path,
     first = [next(c for c in cases if c["dataset"] == d) for d in chosen]
     for case in first:
         tensor, size = predictor.prepare(case["image"])
-        semantic, frequency = ensemble_gradcam(predictor.models, tensor, case["prompt"])
+        semantic, frequency = predictor.predict_tensor(tensor, [case["prompt"]], explain=case["prompt"])["gradcam"]
         case["cam_semantic"], case["cam_frequency"] = (None if m is None else resize_map(m.astype(np.float32), size)
                                                        for m in (semantic, frequency))
     out.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,24 @@ class SegOutput(NamedTuple):
     frequency_attention: Tensor | None = None   # (B, 196, 196) FFBI, frequency queries -> semantic keys
 
 
+class StreamFeatures(NamedTuple):
+    """What the encoders hand to the fusion and the decoders, bottleneck first; a stream is None when absent.
+
+    Splitting :meth:`FreqMedCLIP.forward` here lets Grad-CAM differentiate the decoders alone, from features the
+    batched forward already computed.
+    """
+
+    semantic: tuple[Tensor, ...] | None    # S1, S2, S3, S4: (B, C_s, 14, 14), 28, 56, 112
+    frequency: tuple[Tensor, ...] | None   # F3, F2, F1, F_stem: (B, C_f3, 14, 14), 28, 56, 112
+    condition: Tensor | None               # (B, d_t) pooled prompt or (B, L, d_t) tokens; None with FiLM off
+
+    def row(self, index: int) -> StreamFeatures:
+        """The features of batch row ``index`` (batch size 1), as views."""
+        pick = (lambda maps: None if maps is None else tuple(m[index:index + 1] for m in maps))
+        condition = None if self.condition is None else self.condition[index:index + 1]
+        return StreamFeatures(pick(self.semantic), pick(self.frequency), condition)
+
+
 class Switches(NamedTuple):
     """Inference-time component switches (the demo's ablation toggles); training always uses all on.
 
@@ -91,9 +109,6 @@ class FreqMedCLIP(nn.Module):
                 frequency_backbone.stem.requires_grad_(True)  # the stem is new: it reads sub-bands
         if self.frequency is not None:
             frequency_channels = tuple(reversed(self.frequency.channels))                  # F3, F2, F1, F_stem
-        # Named identity taps: Grad-CAM and the demo hook these, never the internals of the streams.
-        self.semantic_tap = nn.Identity()
-        self.frequency_tap = nn.Identity()
 
         if config.streams == "both":
             fusion_cls = CrossStreamFusion if config.fusion == "ffbi" else ConcatFusion
@@ -123,33 +138,43 @@ class FreqMedCLIP(nn.Module):
     def forward(self, image: Tensor, prompts: Sequence[str] | TextFeatures, return_attention: bool = False,
                 switches: Switches = ALL_ON) -> SegOutput:
         """image: (B, 3, H, W) in [0, 1], H = W = config.image_size; prompts: B strings (or encoded)."""
+        return self.decode(self.encode(image, prompts, switches), return_attention, switches)
+
+    def encode(self, image: Tensor, prompts: Sequence[str] | TextFeatures,
+               switches: Switches = ALL_ON) -> StreamFeatures:
+        """Both streams' multi-scale features and the prompt condition (Eq. 3-9); shapes in :class:`StreamFeatures`."""
         text = self.encode_text(prompts)                                            # T (B, L, d_t), t-bar (B, d_t)
         if len(text.pooled) != len(image):
             raise ValueError(f"got {len(image)} images but {len(text.pooled)} prompts")
         condition = text.pooled if self.config.text_condition == "pooled" else text.embedding
-        if not switches.film:
-            condition = None
-        x = (image - self.pixel_mean) / self.pixel_std                                # (B, 3, 224, 224)
+        # One image expanded over several prompts (Predictor.predict_tensor): the streams see it once and run
+        # their prompt-independent parts once (the whole frequency stream, the ViT blocks before the first TCA).
+        shared = len(image) > 1 and image.stride(0) == 0
+        x = ((image[:1] if shared else image) - self.pixel_mean) / self.pixel_std     # (B or 1, 3, 224, 224)
+        semantic = frequency = None
         if self.semantic is not None:
-            s1, s2, s3, s4 = self.semantic(x, text)                                   # 14, 28, 56, 112   Eq. 4-7
-            s1 = self.semantic_tap(s1)
+            semantic = tuple(self.semantic(x, text))                  # S1..S4 at 14, 28, 56, 112   Eq. 4-7
         if self.frequency is not None:
-            # One image expanded over several prompts (Predictor.predict_tensor): the frequency stream does not
-            # read the prompt, so it runs once and the batch shares its features.
-            shared = len(image) > 1 and image.stride(0) == 0
-            features = self.frequency(x[:1] if shared else x)                         # 112, 56, 28, 14   Eq. 8-9
-            f_stem, f1, f2, f3 = (f.expand(len(image), -1, -1, -1) for f in features) if shared else features
+            f_stem, f1, f2, f3 = (f.expand(len(image), -1, -1, -1) for f in self.frequency(x))  # 112..14  Eq. 8-9
+            frequency = (f3, f2, f1, f_stem)
             if not switches.frequency:
-                f_stem, f1, f2, f3 = (torch.zeros_like(f) for f in (f_stem, f1, f2, f3))
-            f3 = self.frequency_tap(f3)
+                frequency = tuple(torch.zeros_like(f) for f in frequency)
+        return StreamFeatures(semantic, frequency, condition if switches.film else None)
 
+    def decode(self, features: StreamFeatures, return_attention: bool = False,
+               switches: Switches = ALL_ON) -> SegOutput:
+        """Fusion at the bottleneck and the decoders (Eq. 10-18): logits at the input resolution."""
+        condition = features.condition
         if self.config.streams != "both":
             if self.semantic is not None:
-                logits = self.semantic_decoder(self.fusion(s1, condition), (s2, s3, s4), condition)
+                s1, skips = features.semantic[0], features.semantic[1:]
+                logits = self.semantic_decoder(self.fusion(s1, condition), skips, condition)
                 return SegOutput(logits, logits, None)
-            logits = self.frequency_decoder(self.fusion(f3, condition), (f2, f1, f_stem), condition)
+            f3, skips = features.frequency[0], features.frequency[1:]
+            logits = self.frequency_decoder(self.fusion(f3, condition), skips, condition)
             return SegOutput(logits, None, logits)
 
+        (s1, s2, s3, s4), (f3, f2, f1, f_stem) = features.semantic, features.frequency
         exchange = switches.ffbi and switches.frequency
         d_s, d_f, attention_s, attention_f = self.fusion(s1, f3, condition, return_attention, exchange)  # Eq. 10-13
         if not self.config.dual_decoder:

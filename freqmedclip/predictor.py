@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import load_ensemble
+from .explain import StreamCAMs, features_gradcam, mean_cams
 from .model import ALL_ON, FreqMedCLIP, Switches
 from .precision import autocast, resolve
 from .preprocess import DEFAULT_MAX_PIXELS, normalize, resize_to, to_model_input, validate_image
@@ -79,30 +80,39 @@ class Predictor:
         return to_model_input(unit, self.image_size).to(self.device), array.shape[:2]
 
     @torch.no_grad()
-    def predict_tensor(self, image: torch.Tensor, prompts: Sequence[str],
-                       switches: Switches = ALL_ON) -> dict[str, torch.Tensor | None]:
+    def predict_tensor(self, image: torch.Tensor, prompts: Sequence[str], switches: Switches = ALL_ON,
+                       explain: str | None = None) -> dict[str, torch.Tensor | StreamCAMs | None]:
         """Probability maps for one prepared image and several prompts, at 224.
 
         image: (1, 3, 224, 224). Returns "probability", "semantic", "frequency" (P, 1, 224, 224) ensemble means
-        (branches None if absent) and "members" (M, P, 1, 224, 224).
+        (branches None if absent) and "members" (M, P, 1, 224, 224). With ``explain`` (one of ``prompts``) also
+        "gradcam": the ensemble's per-stream Grad-CAM of that prompt's fused prediction (:class:`StreamCAMs`,
+        224x224), computed from this forward's encoder features (only the decoders run again).
         """
         batch = image.expand(len(prompts), -1, -1, -1)
-        members, semantic, frequency = [], [], []
+        members, semantic, frequency, cams = [], [], [], []
         with autocast(self.device, self.dtype):
             for model in self.models:
-                output = model(batch, list(prompts), switches=switches)
+                features = model.encode(batch, list(prompts), switches)
+                output = model.decode(features, switches=switches)
                 members.append(torch.sigmoid(output.logits.float()))
                 if output.semantic_logits is not None:
                     semantic.append(torch.sigmoid(output.semantic_logits.float()))
                 if output.frequency_logits is not None:
                     frequency.append(torch.sigmoid(output.frequency_logits.float()))
+                if explain is not None:
+                    row = features.row(list(prompts).index(explain))
+                    cams.append(features_gradcam(model, row, tuple(image.shape[-2:]), switches))
         stacked = torch.stack(members)
-        return {
+        maps = {
             "probability": stacked.mean(0),
             "semantic": torch.stack(semantic).mean(0) if semantic else None,
             "frequency": torch.stack(frequency).mean(0) if frequency else None,
             "members": stacked,
         }
+        if explain is not None:
+            maps["gradcam"] = mean_cams(cams)
+        return maps
 
     def predict(self, image: np.ndarray | Image.Image, prompts: str | Sequence[str], modality: str = "auto",
                 window: str | tuple[float, float] | None = None,

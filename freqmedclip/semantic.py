@@ -131,15 +131,19 @@ class SemanticEncoder(nn.Module):
         return self
 
     def forward(self, image: Tensor, text: TextFeatures) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """image: (B, 3, 224, 224) normalised, or (1, 3, 224, 224) shared by the B prompts of ``text``."""
         trunk = self.trunk
+        batch = len(text.pooled)
         first_adapted = self.layers[0] if self.adapters else len(trunk.blocks) + 1
         taps = []
+        # The blocks before the first adapter do not read the prompt: a shared image goes through them once.
         with torch.set_grad_enabled(torch.is_grad_enabled() and image.requires_grad):
-            x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(image))))  # (B, 1+N, D)
+            x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(image))))  # (B or 1, 1+N, D)
             for depth in range(1, first_adapted):
                 x = trunk.blocks[depth - 1](x)
                 if depth in self.layers:
                     taps.append(x)
+        x, taps = x.expand(batch, -1, -1), [t.expand(batch, -1, -1) for t in taps]          # (B, 1+N, D)
         for depth in range(first_adapted, len(trunk.blocks) + 1):
             x = trunk.blocks[depth - 1](x)
             if depth in self.layers:

@@ -329,4 +329,4 @@ def test_benchmark_script_runs():
 
     (result,) = benchmark(["--members", "1", "--warmup", "0", "--repeats", "1"])
     assert result["members"] == 1 and result["median_ms"] > 0
-    assert set(result["stages_ms"]) == {"prepare", "forward", "gradcam", "render", "export"}
+    assert set(result["stages_ms"]) == {"prepare", "forward+gradcam", "render", "export"}

@@ -10,6 +10,7 @@ from _demo_support import decisive_model
 
 from freqmedclip.explain import ffbi_attention, stream_gradcam, wavelet_bands
 from freqmedclip.model import Switches
+from freqmedclip.predictor import Predictor
 
 
 def test_wavelet_bands_are_what_the_encoder_sees():
@@ -35,6 +36,45 @@ def test_stream_gradcam_gives_one_normalised_map_per_stream(mini_backbone, varia
             continue
         assert cam.shape == (224, 224) and cam.min() == pytest.approx(0.0) and cam.max() == pytest.approx(1.0)
     assert all(p.grad is None for p in model.parameters())  # explanation leaves no gradients behind
+
+
+def _textbook_gradcam(model, image: torch.Tensor, prompt: str) -> list[np.ndarray]:
+    """Grad-CAM the usual way, independent of the encode/decode split: one full single-prompt forward with
+    gradients in which a hook hands FFBI fresh leaf copies of S1 and F3, then d(sum of fused logits in the mask)
+    / d(S1, F3): the bottleneck path only (S1 also seeds the FPN's S2-S4, F3 nothing else)."""
+    leaves = {}
+
+    def substitute(module, args):
+        leaves.update(s1=args[0].detach().requires_grad_(True), f3=args[1].detach().requires_grad_(True))
+        return (leaves["s1"], leaves["f3"], *args[2:])
+
+    handle = model.fusion.register_forward_pre_hook(substitute)
+    with torch.enable_grad():
+        logits = model(image, [prompt]).logits
+    handle.remove()
+    target = (logits * (logits > 0)).sum()
+    maps = []
+    for activation, gradient in zip(leaves.values(), torch.autograd.grad(target, list(leaves.values()))):
+        cam = torch.relu((gradient.mean((2, 3), keepdim=True) * activation).sum(1, keepdim=True))
+        cam = torch.nn.functional.interpolate(cam, size=(224, 224), mode="bilinear", align_corners=False)[0, 0]
+        maps.append(((cam - cam.min()) / (cam.max() - cam.min())).detach().numpy())
+    return maps
+
+
+def test_gradcam_from_the_batched_forward_equals_a_separate_gradcam(mini_backbone):
+    models = [decisive_model(mini_backbone, seed) for seed in (0, 1)]
+    image = torch.rand(1, 3, 224, 224)
+    prompts = ["lesion", "whole tumour", "tumour core", "a purple elephant"]
+    maps = Predictor(models).predict_tensor(image, prompts, explain="tumour core")
+    references = [_textbook_gradcam(model, image, "tumour core") for model in models]
+    for stream, ours in enumerate(maps["gradcam"]):
+        expected = np.mean([reference[stream] for reference in references], axis=0)
+        assert ours.shape == (224, 224) and np.ptp(expected) > 0.5
+        np.testing.assert_allclose(ours, expected, atol=1e-4)
+    # the explained prompt's maps differ from another prompt's, so the row was really picked
+    other = Predictor(models).predict_tensor(image, prompts, explain="lesion")["gradcam"]
+    assert np.abs(other.semantic - maps["gradcam"].semantic).max() > 0.05
+    assert all(p.grad is None for model in models for p in model.parameters())
 
 
 def test_ffbi_attention_rows_are_distributions(mini_backbone):

@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from freqmedclip.config import VARIANTS, FreqMedCLIPConfig
@@ -123,7 +124,11 @@ def test_mini_shapes_at_every_stage(mini_model):
     assert torch.allclose(attention_s.sum(-1), torch.ones(2, 196), atol=1e-5)
     for branch in ("semantic_decoder", "frequency_decoder"):
         shapes = [tuple(stages[f"{branch}.{i}"].shape) for i in range(3)]
-        assert shapes == [(2, 64, 56, 56), (2, 32, 112, 112), (2, 16, 224, 224)], branch
+        assert shapes == [(2, 64, 28, 28), (2, 32, 56, 56), (2, 16, 112, 112)], branch     # each before its Up2
+        decoder = getattr(mini_model, branch)   # the head runs before the last Up2: Eq. 15-16's order gives the same
+        last = stages[f"{branch}.2"]
+        in_paper_order = decoder.head(F.interpolate(last, scale_factor=2, mode="bilinear", align_corners=False))
+        assert torch.allclose(getattr(out, branch.replace("_decoder", "_logits")), in_paper_order, atol=1e-5)
     assert isinstance(out, SegOutput)
     for logits in (out.logits, out.semantic_logits, out.frequency_logits):
         assert logits.shape == (2, 1, 224, 224)
@@ -160,7 +165,7 @@ def test_full_preset_shapes_random_backbone():
     assert stages["text"].pooled.shape == (1, 768)
     assert stages["text"].embedding.shape == (1, 512)       # BiomedCLIP joint space
     assert stages["fusion"].semantic.shape == (1, 256, 28, 28)
-    assert tuple(stages["semantic_decoder.2"].shape) == (1, 32, 224, 224)
+    assert tuple(stages["semantic_decoder.2"].shape) == (1, 32, 112, 112)                 # before the last Up2
     for logits in (out.logits, out.semantic_logits, out.frequency_logits):
         assert logits.shape == (1, 1, 224, 224) and torch.isfinite(logits).all()
     rows = parameter_report(model)
