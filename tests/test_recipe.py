@@ -79,11 +79,15 @@ def test_an_up_to_date_checkpoint_is_not_published_again(recorded):
     assert len(exports) == 4 and not any("runs/mini-seed1 " in c for c in exports)
 
 
-def test_ablations_train_every_table_4_variant_and_compare_with_the_shipped_seed_0(recorded):
+def test_ablations_train_every_table_4_variant_and_compare_with_the_shipped_seeds(recorded):
     calls = recorded("ablations")
     trainings = [c.split("configs/")[1].split(".yaml")[0] for c in calls if c.startswith("-m train.train")]
     assert trainings == ["mini_no_freq", "mini_no_ffbi", "mini_no_lffi", "mini_no_dual_decoder", "mini_no_tca"]
-    assert "FreqMedCLIP-mini (seed 0)=assets/checkpoints/mini-seed0" in calls[-1]
+    assert calls[-1].startswith("-m train.evaluate")
+    for seed in (0, 1, 2):   # seed 0 is the reference; seeds 1-2 give the seed-to-seed spread
+        assert f"FreqMedCLIP-mini (seed {seed})=assets/checkpoints/mini-seed{seed}" in calls[-1]
+    assert "no_tca=runs/mini_no_tca-seed0" in calls[-1]
+    assert '--full-method FreqMedCLIP-mini (seed 0)' in calls[-1]
     assert "--out results/phantom-ablations" in calls[-1]
 
 
