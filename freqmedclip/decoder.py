@@ -1,8 +1,9 @@
 """Dual decoders with LFFI (Section 3.7) and the output heads (Section 3.8).
 
 Each decoder runs three stages at 28, 56 and 112 (Eq. 15-17). A stage merges the current map with a skip
-connection, applies FiLM on the prompt (LFFI, Eq. 14) and upsamples by 2, so the last stage ends at the
-input resolution, where a 1x1 head gives one logit per pixel.
+connection and applies FiLM on the prompt (LFFI, Eq. 14); the decoder upsamples by 2 after each, so the last
+stage ends at the input resolution, where a 1x1 head gives one logit per pixel (applied just before that last
+upsampling, which gives the same logits for less work).
 
 Notable choices:
 * FiLM is ``x * (1 + gamma) + beta`` with a zero-initialised last layer: an untrained FiLM is the identity.
@@ -11,8 +12,8 @@ Notable choices:
 
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch
+from torch import Tensor, nn
 
 from .semantic import conv_norm_act, upsample
 

@@ -3,16 +3,19 @@
 Notable choices:
 * Grad-CAM differentiates the fused logits with respect to both streams' bottleneck features (S1 and F3, 14x14,
   what FFBI receives), through the bottleneck only, so one backward gives both maps and both measure the same
-  path (S1 also seeds the FPN's top-down S2-S4, a path F3 has no counterpart of; it is left out). It needs no hooks: :meth:`FreqMedCLIP.encode` gives the
-  features (without gradients, possibly from a batched forward that already ran), and only
-  :meth:`FreqMedCLIP.decode` of the explained row is run again with S1 and F3 as gradient leaves. The backward
-  (``torch.autograd.grad``) stops at those leaves and touches no parameter's ``.grad``. The target is the sum
-  of the fused logits inside the predicted region (the whole image if nothing is predicted).
+  path (S1 also seeds the FPN's top-down S2-S4, a path F3 has no counterpart of; it is left out).
+* It needs no hooks: :meth:`FreqMedCLIP.encode` gives the features (without gradients, possibly from a batched
+  forward that already ran), and only :meth:`FreqMedCLIP.decode` of the explained row runs again, with S1 and F3
+  as gradient leaves. That decoding is in fp32 even when the prediction used bf16/fp16 autocast: it is one row,
+  and half-precision gradients would blur or underflow the maps. The backward (``torch.autograd.grad``) stops at
+  the leaves and touches no parameter's ``.grad``. The target is the sum of the fused logits inside the predicted
+  region (the whole image if nothing is predicted).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,7 +47,7 @@ def _normalised_cam(activation: Tensor, gradient: Tensor, size: tuple[int, int])
     cam = F.relu((weights * activation).sum(1, keepdim=True))                       # (1, 1, 14, 14)
     cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0, 0]
     cam = cam - cam.min()
-    return (cam / cam.max().clamp_min(1e-12)).detach().float().cpu().numpy()
+    return (cam / cam.max().clamp_min(1e-12)).detach().cpu().numpy()
 
 
 def stream_gradcam(model: FreqMedCLIP, image: Tensor, prompt: str, switches: Switches = ALL_ON) -> StreamCAMs:
@@ -61,20 +64,20 @@ def features_gradcam(model: FreqMedCLIP, features: StreamFeatures, size: tuple[i
                      switches: Switches = ALL_ON) -> StreamCAMs:
     """Grad-CAM from already encoded features of one row (``StreamFeatures.row``): reruns only the decoding.
 
-    Maps are ``size`` (the model's input size); a stream that is absent or switched off gives None.
+    Maps are ``size`` (the model's input size); a stream that is absent or switched off gives None (the UNet-CLIP
+    baseline's pixel-domain encoder is not a frequency stream, so it has no frequency map either).
     """
-    semantic = None if features.semantic is None else features.semantic[0].detach().requires_grad_(True)
+    features = _in_fp32(features)
+    semantic = None if features.semantic is None else features.semantic[0].requires_grad_(True)
     frequency = None
-    if features.frequency is not None and switches.frequency:
-        frequency = features.frequency[0].detach().requires_grad_(True)
+    if model.config.uses_frequency and switches.frequency:
+        frequency = features.frequency[0].requires_grad_(True)
     leaves = {name: leaf for name, leaf in (("semantic", semantic), ("frequency", frequency)) if leaf is not None}
     if not leaves:
         return StreamCAMs(None, None)
-    replace = (lambda maps, leaf: maps if leaf is None else (leaf, *maps[1:]))
-    with torch.enable_grad():
-        logits = model.decode(features._replace(semantic=replace(features.semantic, semantic),
-                                                frequency=replace(features.frequency, frequency)),
-                              switches=switches).logits
+    device_type = next(iter(leaves.values())).device.type
+    with torch.enable_grad(), torch.autocast(device_type, enabled=False):
+        logits = model.decode(features, switches=switches).logits
         region = (logits.detach() > 0).float()
         if region.sum() == 0:
             region = torch.ones_like(region)
@@ -82,6 +85,15 @@ def features_gradcam(model: FreqMedCLIP, features: StreamFeatures, size: tuple[i
     maps = {name: (_normalised_cam(leaf, gradient, size) if gradient is not None else None)
             for (name, leaf), gradient in zip(leaves.items(), gradients, strict=True)}
     return StreamCAMs(maps.get("semantic"), maps.get("frequency"))
+
+
+def _in_fp32(features: StreamFeatures) -> StreamFeatures:
+    """Fresh fp32 copies, detached from any graph (the bottlenecks become gradient leaves)."""
+    def copy(maps: tuple[Tensor, ...] | None) -> tuple[Tensor, ...] | None:
+        return None if maps is None else tuple(m.detach().float().clone() for m in maps)
+
+    condition = None if features.condition is None else features.condition.detach().float()
+    return StreamFeatures(copy(features.semantic), copy(features.frequency), condition)
 
 
 def mean_cams(cams: Sequence[StreamCAMs]) -> StreamCAMs:

@@ -7,7 +7,8 @@ class with other config values (see :mod:`freqmedclip.config`).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -40,11 +41,17 @@ class StreamFeatures(NamedTuple):
 
     semantic: tuple[Tensor, ...] | None    # S1, S2, S3, S4: (B, C_s, 14, 14), 28, 56, 112
     frequency: tuple[Tensor, ...] | None   # F3, F2, F1, F_stem: (B, C_f3, 14, 14), 28, 56, 112
-    condition: Tensor | None               # (B, d_t) pooled prompt or (B, L, d_t) tokens; None with FiLM off
+    condition: Tensor | None               # (B, d_t) pooled prompt or (B, d_clip) CLIP embedding; None with FiLM off
 
     def row(self, index: int) -> StreamFeatures:
         """The features of batch row ``index`` (batch size 1), as views."""
-        pick = (lambda maps: None if maps is None else tuple(m[index:index + 1] for m in maps))
+        rows = len(self.condition if self.condition is not None else (self.semantic or self.frequency)[0])
+        if not 0 <= index < rows:
+            raise IndexError(f"row {index} of a batch of {rows}")
+
+        def pick(maps: tuple[Tensor, ...] | None) -> tuple[Tensor, ...] | None:
+            return None if maps is None else tuple(m[index:index + 1] for m in maps)
+
         condition = None if self.condition is None else self.condition[index:index + 1]
         return StreamFeatures(pick(self.semantic), pick(self.frequency), condition)
 

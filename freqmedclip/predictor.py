@@ -7,9 +7,9 @@ the original size (bilinear, Section 3.2).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -89,6 +89,8 @@ class Predictor:
         "gradcam": the ensemble's per-stream Grad-CAM of that prompt's fused prediction (:class:`StreamCAMs`,
         224x224), computed from this forward's encoder features (only the decoders run again).
         """
+        if explain is not None and explain not in prompts:
+            raise ValueError(f"the prompt to explain, {explain!r}, is not one of the prompts {list(prompts)}")
         batch = image.expand(len(prompts), -1, -1, -1)
         members, semantic, frequency, cams = [], [], [], []
         with autocast(self.device, self.dtype):

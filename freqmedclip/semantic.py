@@ -134,21 +134,22 @@ class SemanticEncoder(nn.Module):
         """image: (B, 3, 224, 224) normalised, or (1, 3, 224, 224) shared by the B prompts of ``text``."""
         trunk = self.trunk
         batch = len(text.pooled)
-        first_adapted = self.layers[0] if self.adapters else len(trunk.blocks) + 1
+        # Blocks up to the first adapter read neither the prompt nor a trainable weight: a shared image goes through
+        # them once, without a graph unless the image itself needs gradients.
+        shared_depth = self.layers[0] if self.adapters else len(trunk.blocks)
         taps = []
-        # The blocks before the first adapter do not read the prompt: a shared image goes through them once.
         with torch.set_grad_enabled(torch.is_grad_enabled() and image.requires_grad):
             x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(image))))  # (B or 1, 1+N, D)
-            for depth in range(1, first_adapted):
+            for depth in range(1, shared_depth + 1):
                 x = trunk.blocks[depth - 1](x)
-                if depth in self.layers:
+                if depth in self.layers and not self.adapters:  # with adapters a tap is taken after its adapter
                     taps.append(x)
         x, taps = x.expand(batch, -1, -1), [t.expand(batch, -1, -1) for t in taps]          # (B, 1+N, D)
-        for depth in range(first_adapted, len(trunk.blocks) + 1):
-            x = trunk.blocks[depth - 1](x)
+        for depth in range(shared_depth, len(trunk.blocks) + 1) if self.adapters else ():
+            if depth > shared_depth:
+                x = trunk.blocks[depth - 1](x)
             if depth in self.layers:
-                if self.adapters:
-                    x = self.adapters[self.layers.index(depth)](x, text)                       # TCA, inline
+                x = self.adapters[self.layers.index(depth)](x, text)                           # TCA, inline
                 taps.append(x)
         prefix = trunk.num_prefix_tokens
         grids = [t[:, prefix:].transpose(1, 2).unflatten(-1, self.grid) for t in taps]         # 4 x (B, D, 14, 14)

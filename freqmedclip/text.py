@@ -8,9 +8,11 @@ BERT runs on the prompt's real token length, not on 256 pads.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections import OrderedDict
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +49,7 @@ class TextEncoder(nn.Module):
         self.context_length = context_length
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[Tensor, Tensor, Tensor]] = OrderedDict()
+        self._cache_lock = threading.Lock()   # ensembles share this encoder, and a server calls it from threads
         self.width = clip_text.config.hidden_size                                  # d_t
         self.embedding_width = _output_width(clip_text.proj)                       # d_clip
 
@@ -80,13 +83,14 @@ class TextEncoder(nn.Module):
     def forward(self, prompts: Sequence[str]) -> TextFeatures:
         """Encode a batch of prompt strings (cached); returns padded :class:`TextFeatures`."""
         prompts = [_check_prompt(p) for p in prompts]
-        for prompt in prompts:
-            if prompt not in self._cache:
-                self._cache[prompt] = self._encode(prompt)
-            self._cache.move_to_end(prompt)
-        entries = [self._cache[p] for p in prompts]
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._cache_lock:
+            for prompt in prompts:
+                if prompt not in self._cache:
+                    self._cache[prompt] = self._encode(prompt)
+                self._cache.move_to_end(prompt)
+            entries = [self._cache[p] for p in prompts]
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
         tokens = nn.utils.rnn.pad_sequence([e[0] for e in entries], batch_first=True)  # (B, L, d_t)
         lengths = torch.tensor([len(e[0]) for e in entries], device=tokens.device)
         padding = torch.arange(tokens.shape[1], device=tokens.device)[None] >= lengths[:, None]

@@ -9,7 +9,7 @@ import torch
 from _demo_support import decisive_model
 
 from freqmedclip.explain import ffbi_attention, stream_gradcam, wavelet_bands
-from freqmedclip.model import Switches
+from freqmedclip.model import FreqMedCLIP, Switches
 from freqmedclip.predictor import Predictor
 
 
@@ -25,6 +25,7 @@ def test_wavelet_bands_are_what_the_encoder_sees():
 
 @pytest.mark.parametrize("variant, has_semantic, has_frequency", [
     ("full", True, True), ("no_tca", True, True), ("semantic_only", True, False), ("frequency_only", False, True),
+    ("unet_clip", False, False),   # its pixel-domain UNet is not a frequency stream
 ])
 def test_stream_gradcam_gives_one_normalised_map_per_stream(mini_backbone, variant, has_semantic, has_frequency):
     model = decisive_model(mini_backbone, variant=variant)
@@ -38,9 +39,9 @@ def test_stream_gradcam_gives_one_normalised_map_per_stream(mini_backbone, varia
     assert all(p.grad is None for p in model.parameters())  # explanation leaves no gradients behind
 
 
-def _textbook_gradcam(model, image: torch.Tensor, prompt: str) -> list[np.ndarray]:
-    """Grad-CAM the usual way, independent of the encode/decode split: one full single-prompt forward with
-    gradients in which a hook hands FFBI fresh leaf copies of S1 and F3, then d(sum of fused logits in the mask)
+def _textbook_gradcam(model: FreqMedCLIP, image: torch.Tensor, prompt: str) -> list[np.ndarray]:
+    """Grad-CAM the usual way, without reusing any batch's features: one single-prompt forward with gradients in
+    fp32 in which a hook hands FFBI fresh leaf copies of S1 and F3, then d(sum of fused logits in the mask)
     / d(S1, F3): the bottleneck path only (S1 also seeds the FPN's S2-S4, F3 nothing else)."""
     leaves = {}
 
@@ -61,20 +62,25 @@ def _textbook_gradcam(model, image: torch.Tensor, prompt: str) -> list[np.ndarra
     return maps
 
 
-def test_gradcam_from_the_batched_forward_equals_a_separate_gradcam(mini_backbone):
+@pytest.mark.parametrize("dtype, tolerance", [("fp32", 1e-4), ("bf16", 0.05)])
+def test_gradcam_from_the_batched_forward_equals_a_separate_gradcam(mini_backbone, dtype, tolerance):
+    """bf16: the batch runs in bf16, the Grad-CAM decoding in fp32, so only the bf16 features differ."""
     models = [decisive_model(mini_backbone, seed) for seed in (0, 1)]
     image = torch.rand(1, 3, 224, 224)
     prompts = ["lesion", "whole tumour", "tumour core", "a purple elephant"]
-    maps = Predictor(models).predict_tensor(image, prompts, explain="tumour core")
+    predictor = Predictor(models, dtype=dtype)
+    maps = predictor.predict_tensor(image, prompts, explain="tumour core")
     references = [_textbook_gradcam(model, image, "tumour core") for model in models]
     for stream, ours in enumerate(maps["gradcam"]):
         expected = np.mean([reference[stream] for reference in references], axis=0)
-        assert ours.shape == (224, 224) and np.ptp(expected) > 0.5
-        np.testing.assert_allclose(ours, expected, atol=1e-4)
+        assert ours.shape == (224, 224) and ours.dtype == np.float32 and expected.std() > 0.05
+        np.testing.assert_allclose(ours, expected, atol=tolerance)
     # the explained prompt's maps differ from another prompt's, so the row was really picked
-    other = Predictor(models).predict_tensor(image, prompts, explain="lesion")["gradcam"]
+    other = predictor.predict_tensor(image, prompts, explain="lesion")["gradcam"]
     assert np.abs(other.semantic - maps["gradcam"].semantic).max() > 0.05
     assert all(p.grad is None for model in models for p in model.parameters())
+    with pytest.raises(ValueError, match="'mass', is not one of the prompts"):
+        predictor.predict_tensor(image, prompts, explain="mass")
 
 
 def test_ffbi_attention_rows_are_distributions(mini_backbone):

@@ -368,6 +368,26 @@ def test_prompt_sensitivity(mini_backbone):
     assert torch.allclose(alone[0], out.logits[1], atol=1e-4)
 
 
+@pytest.mark.parametrize("variant, shared_blocks", [("full", 3), ("no_tca", 12)])
+def test_an_image_shared_by_several_prompts_runs_the_prompt_free_vit_blocks_once(mini_backbone, variant,
+                                                                                 shared_blocks):
+    """Blocks up to the first adapter (block 3; all 12 without TCA) run once for an expanded image."""
+    model = build_mini(mini_backbone, variant).eval()
+    perturb_zero_init(model)
+    image = make_image(1, seed=4)
+    batches = []
+    handles = [block.register_forward_hook(lambda module, args, output: batches.append(len(args[0])))
+               for block in model.semantic.trunk.blocks]
+    with torch.no_grad():
+        shared = model(image.expand(2, -1, -1, -1), PROMPTS).logits
+    for handle in handles:
+        handle.remove()
+    assert batches == [1] * shared_blocks + [2] * (12 - shared_blocks)
+    with torch.no_grad():
+        copies = model(image.repeat(2, 1, 1, 1), PROMPTS).logits     # real copies: every block on both rows
+    assert torch.allclose(shared, copies, atol=1e-4)
+
+
 @pytest.mark.parametrize("variant, used, ignored", [("unet_clip", "embedding", "pooled"),
                                                     ("semantic_only", "pooled", "embedding")])
 def test_text_condition_selects_the_conditioning_vector(mini_backbone, variant, used, ignored):
