@@ -88,12 +88,13 @@ def features_gradcam(model: FreqMedCLIP, features: StreamFeatures, size: tuple[i
 
 
 def _in_fp32(features: StreamFeatures) -> StreamFeatures:
-    """Fresh fp32 copies, detached from any graph (the bottlenecks become gradient leaves)."""
-    def copy(maps: tuple[Tensor, ...] | None) -> tuple[Tensor, ...] | None:
-        return None if maps is None else tuple(m.detach().float().clone() for m in maps)
+    """The features in fp32, detached from any graph (the bottlenecks become gradient leaves; nothing is copied
+    that is already fp32)."""
+    def to_fp32(maps: tuple[Tensor, ...] | None) -> tuple[Tensor, ...] | None:
+        return None if maps is None else tuple(m.detach().float() for m in maps)
 
     condition = None if features.condition is None else features.condition.detach().float()
-    return StreamFeatures(copy(features.semantic), copy(features.frequency), condition)
+    return StreamFeatures(to_fp32(features.semantic), to_fp32(features.frequency), condition)
 
 
 def mean_cams(cams: Sequence[StreamCAMs]) -> StreamCAMs:

@@ -89,22 +89,24 @@ class Predictor:
         "gradcam": the ensemble's per-stream Grad-CAM of that prompt's fused prediction (:class:`StreamCAMs`,
         224x224), computed from this forward's encoder features (only the decoders run again).
         """
+        prompts = list(prompts)
         if explain is not None and explain not in prompts:
-            raise ValueError(f"the prompt to explain, {explain!r}, is not one of the prompts {list(prompts)}")
+            raise ValueError(f"the prompt to explain, {explain!r}, is not one of the prompts {prompts}")
+        explained_row = None if explain is None else prompts.index(explain)
         batch = image.expand(len(prompts), -1, -1, -1)
         members, semantic, frequency, cams = [], [], [], []
         with autocast(self.device, self.dtype):
             for model in self.models:
-                features = model.encode(batch, list(prompts), switches)
+                features = model.encode(batch, prompts, switches)
                 output = model.decode(features, switches=switches)
                 members.append(torch.sigmoid(output.logits.float()))
                 if output.semantic_logits is not None:
                     semantic.append(torch.sigmoid(output.semantic_logits.float()))
                 if output.frequency_logits is not None:
                     frequency.append(torch.sigmoid(output.frequency_logits.float()))
-                if explain is not None:
-                    row = features.row(list(prompts).index(explain))
-                    cams.append(features_gradcam(model, row, tuple(image.shape[-2:]), switches))
+                if explained_row is not None:
+                    cams.append(features_gradcam(model, features.row(explained_row), tuple(image.shape[-2:]),
+                                                 switches))
         stacked = torch.stack(members)
         maps = {
             "probability": stacked.mean(0),
@@ -112,7 +114,7 @@ class Predictor:
             "frequency": torch.stack(frequency).mean(0) if frequency else None,
             "members": stacked,
         }
-        if explain is not None:
+        if explained_row is not None:
             maps["gradcam"] = mean_cams(cams)
         return maps
 

@@ -5,7 +5,8 @@ Notable choices:
   ``train_state.safetensors`` under its dotted path, everything else to ``train_state.json`` with a
   ``{"tensor": path}`` stub in the tensor's place. JSON turns int keys into strings; the optimizer's are restored.
 * A checkpoint directory is filled as a hidden sibling, then swapped in with two renames
-  (target -> .target.old, tmp -> target; both hidden, so a glob for checkpoints never sees them); :func:`recover` completes a swap that a kill -9 cut in half.
+  (target -> .target.old, tmp -> target; both siblings hidden, so a glob for checkpoints never sees them);
+  :func:`recover` completes a swap that a kill -9 cut in half.
 """
 
 from __future__ import annotations
