@@ -1,4 +1,4 @@
-"""FreqMedCLIP demo (Gradio 6): a thin view over :mod:`freqmedclip.demo`, which holds all the logic.
+"""FreqMedCLIP demo (Gradio 6): a thin view over :mod:`freqmedclip.demo.session`, which holds all the logic.
 
     python app.py [--checkpoint DIR ...] [--backbone local-dir:PATH|hf-hub:ID] [--device cpu|cuda] [--port N]
                   [--max-upload-mb N] [--max-pixels N]
@@ -23,7 +23,7 @@ from typing import Any
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from freqmedclip.demo import (  # noqa: E402
+from freqmedclip.demo.session import (  # noqa: E402
     CONTROL_PROMPT,
     MAX_PROMPTS,
     DemoSession,
@@ -32,11 +32,8 @@ from freqmedclip.demo import (  # noqa: E402
     load_examples,
     load_session,
 )
-from freqmedclip.demo_io import AUTO_WINDOW, AXIS_NAMES, WINDOW_CHOICES, Limits, LoadedImage  # noqa: E402
-from freqmedclip.model import Switches  # noqa: E402
-from freqmedclip.predictor import Predictor  # noqa: E402
-from freqmedclip.preprocess import DEFAULT_MAX_PIXELS, MODALITIES, InputError  # noqa: E402
-from freqmedclip.text import PromptError  # noqa: E402
+from freqmedclip.demo.uploads import AUTO_WINDOW, AXIS_NAMES, WINDOW_CHOICES, Limits, LoadedImage  # noqa: E402
+from freqmedclip.inference import DEFAULT_MAX_PIXELS, MODALITIES, InputError, Predictor, PromptError, Switches  # noqa: E402
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 ALTERNATIVE_PROMPTS = ("lesion", "normal tissue", "background")

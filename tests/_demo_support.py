@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from freqmedclip.checkpoint import save_checkpoint
-from freqmedclip.config import FreqMedCLIPConfig
-from freqmedclip.model import FreqMedCLIP, build_model
+from freqmedclip.inference.checkpoint import save_checkpoint
+from freqmedclip.modeling.config import FreqMedCLIPConfig
+from freqmedclip.modeling.model import FreqMedCLIP, build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "assets" / "examples"

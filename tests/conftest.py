@@ -33,7 +33,7 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.jso
 @pytest.fixture(scope="session")
 def mini_backbone_dir(tmp_path_factory) -> Path:
     """A self-contained ``mini`` CLIP directory in BiomedCLIP's layout, random weights, built per session."""
-    from freqmedclip.backbone import create_clip_model, save_clip_dir
+    from freqmedclip.modeling.backbone import create_clip_model, save_clip_dir
 
     directory = tmp_path_factory.mktemp("mini-clip")
     torch.manual_seed(0)
@@ -45,7 +45,7 @@ def mini_backbone_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mini_backbone(mini_backbone_dir):
     """The stand-in loaded through the production loader (``local-dir:``); frozen, shared by all tests."""
-    from freqmedclip.backbone import load_clip_backbone
+    from freqmedclip.modeling.backbone import load_clip_backbone
 
     return load_clip_backbone(f"local-dir:{mini_backbone_dir}")
 

@@ -17,7 +17,7 @@ gr = pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
 import app  # noqa: E402
-from freqmedclip.demo import SetupError, load_session  # noqa: E402
+from freqmedclip.demo.session import SetupError, load_session  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +110,9 @@ def test_no_arbitrary_file_is_readable(served):
 
 
 def test_python_app_without_checkpoints_exits_with_instructions(tmp_path, monkeypatch, capsys):
-    import freqmedclip.demo
+    import freqmedclip.demo.session
 
-    monkeypatch.setattr(freqmedclip.demo, "DEFAULT_CHECKPOINTS", tmp_path / "none-here")
+    monkeypatch.setattr(freqmedclip.demo.session, "DEFAULT_CHECKPOINTS", tmp_path / "none-here")
     with pytest.raises(SystemExit) as exit_info:
         app.main([])
     message = str(exit_info.value.code)

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from freqmedclip.backbone import sha256_file
-from freqmedclip.checkpoint import read_checkpoint_header
-from freqmedclip.demo import find_checkpoints, load_session
+from freqmedclip.modeling.backbone import sha256_file
+from freqmedclip.inference.checkpoint import read_checkpoint_header
+from freqmedclip.demo.session import find_checkpoints, load_session
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BACKBONE = ASSETS / "backbones" / "mini-clip"

@@ -1,4 +1,4 @@
-"""CLIP backbone loading (freqmedclip.backbone): offline, exact weights, clear errors, frozen.
+"""CLIP backbone loading (freqmedclip.modeling.backbone): offline, exact weights, clear errors, frozen.
 
 The stand-in is the ``mini`` preset written at test time in BiomedCLIP's layout (conftest.py); the same files
 are also served from a fake HuggingFace cache under the literal hub ids.
@@ -15,7 +15,7 @@ import torch
 from conftest import BIOMEDBERT_ID, TOKENIZER_FILES, write_fake_hub_cache
 from safetensors.torch import load_file, save_file
 
-from freqmedclip.backbone import FETCH_COMMAND, BackboneNotFoundError, load_clip_backbone
+from freqmedclip.modeling.backbone import FETCH_COMMAND, BackboneNotFoundError, load_clip_backbone
 
 
 def _saved_state(directory) -> dict[str, torch.Tensor]:

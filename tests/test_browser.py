@@ -24,8 +24,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 import app  # noqa: E402
-from freqmedclip.demo import DemoSession, load_session  # noqa: E402
-from freqmedclip.predictor import Predictor  # noqa: E402
+from freqmedclip.demo.session import DemoSession, load_session  # noqa: E402
+from freqmedclip.inference.predictor import Predictor  # noqa: E402
 
 SCREENSHOT_TARGET = os.environ.get("FREQMEDCLIP_SCREENSHOT")
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

@@ -9,8 +9,8 @@ import torch
 from _demo_support import decisive_model
 from safetensors.torch import load_file
 
-from freqmedclip.backbone import random_clip_backbone
-from freqmedclip.checkpoint import (BackboneMismatchError, load_checkpoint, load_ensemble, read_checkpoint_header,
+from freqmedclip.modeling.backbone import random_clip_backbone
+from freqmedclip.inference.checkpoint import (BackboneMismatchError, load_checkpoint, load_ensemble, read_checkpoint_header,
                                     save_checkpoint)
 
 

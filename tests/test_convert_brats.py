@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from freqmedclip.data import brats
+from freqmedclip.data.converters import brats
 from freqmedclip.data.format import read_manifest
 
 SHAPE = (24, 24, 12)        # (x -> left, y -> posterior, z -> superior)
@@ -255,7 +255,7 @@ def test_other_datasets_in_a_shared_root_are_kept(raw, tmp_path):
 
 
 def test_gli_timepoints_of_one_patient_share_a_subject():
-    from freqmedclip.data.brats import patient_id
+    from freqmedclip.data.converters.brats import patient_id
 
     assert patient_id("BraTS-GLI-00123-000") == patient_id("BraTS-GLI-00123-001") == "BraTS-GLI-00123"
     assert patient_id("BraTS20_Training_001") == "BraTS20_Training_001"

@@ -17,7 +17,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from freqmedclip.data import cbis_ddsm
+from freqmedclip.data.converters import cbis_ddsm
 from freqmedclip.data.format import read_manifest
 
 H, W = 300, 220

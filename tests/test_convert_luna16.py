@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from freqmedclip.data import luna16
+from freqmedclip.data.converters import luna16
 from freqmedclip.data.format import read_manifest
 
 NX, NY, NZ = 40, 36, 16

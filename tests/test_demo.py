@@ -17,7 +17,7 @@ from _demo_support import (
 )
 from PIL import Image
 
-from freqmedclip.demo import (
+from freqmedclip.demo.session import (
     CONTROL_PROMPT,
     DemoSession,
     SetupError,
@@ -27,7 +27,7 @@ from freqmedclip.demo import (
     parse_prompts,
     text_reliance,
 )
-from freqmedclip.demo_io import (
+from freqmedclip.demo.uploads import (
     Limits,
     export_mask_nifti,
     export_mask_png,
@@ -37,9 +37,9 @@ from freqmedclip.demo_io import (
     nifti_view,
     sniff_format,
 )
-from freqmedclip.model import Switches
-from freqmedclip.predictor import Predictor
-from freqmedclip.preprocess import WINDOW_PRESETS, InputError, normalize
+from freqmedclip.modeling.model import Switches
+from freqmedclip.inference.predictor import Predictor
+from freqmedclip.inference.preprocess import WINDOW_PRESETS, InputError, normalize
 
 nib = pytest.importorskip("nibabel")
 
@@ -325,7 +325,7 @@ def test_load_session_without_checkpoints_explains_what_to_do(tmp_path):
 
 
 def test_benchmark_script_runs():
-    from freqmedclip.demo_benchmark import main as benchmark
+    from freqmedclip.demo.benchmark import main as benchmark
 
     (result,) = benchmark(["--members", "1", "--warmup", "0", "--repeats", "1"])
     assert result["members"] == 1 and result["median_ms"] > 0

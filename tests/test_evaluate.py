@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from freqmedclip import metrics
-from freqmedclip.checkpoint import load_ensemble, save_checkpoint
-from freqmedclip.config import FreqMedCLIPConfig
+from freqmedclip.evaluation import metrics
+from freqmedclip.inference.checkpoint import load_ensemble, save_checkpoint
+from freqmedclip.modeling.config import FreqMedCLIPConfig
 from freqmedclip.data.dataset import SegmentationDataset
 from freqmedclip.data.format import StructureRecord, load_mask, write_manifest, write_sample
-from freqmedclip.model import build_model
-from freqmedclip.preprocess import resize_to
+from freqmedclip.modeling.model import build_model
+from freqmedclip.inference.preprocess import resize_to
 from train import evaluate
 
 SHAPE = (96, 80)                 # stored grid != 224: the 224 prediction is resampled onto it

@@ -8,9 +8,9 @@ import pywt
 import torch
 from _demo_support import decisive_model
 
-from freqmedclip.explain import ffbi_attention, stream_gradcam, wavelet_bands
-from freqmedclip.model import FreqMedCLIP, Switches
-from freqmedclip.predictor import Predictor
+from freqmedclip.inference.explain import ffbi_attention, stream_gradcam, wavelet_bands
+from freqmedclip.modeling.model import FreqMedCLIP, Switches
+from freqmedclip.inference.predictor import Predictor
 
 
 def test_wavelet_bands_are_what_the_encoder_sees():

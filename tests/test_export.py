@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from freqmedclip.checkpoint import load_checkpoint, save_checkpoint
+from freqmedclip.inference.checkpoint import load_checkpoint, save_checkpoint
 from freqmedclip.data.dataset import SegmentationDataset
 from freqmedclip.data.format import StructureRecord, write_manifest, write_sample
 from _demo_support import decisive_model

@@ -8,10 +8,10 @@ import pytest
 from _demo_support import decisive_model, make_checkpoints
 from PIL import Image
 
-from freqmedclip.checkpoint import save_checkpoint
+from freqmedclip.inference.checkpoint import save_checkpoint
 from freqmedclip.data.format import read_manifest
-from freqmedclip.data.phantoms import generate
-from freqmedclip.figures import main, select_cases
+from freqmedclip.data.phantoms.generate import generate
+from freqmedclip.demo.figures import main, select_cases
 
 
 @pytest.fixture(scope="module")

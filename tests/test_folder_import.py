@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from freqmedclip.data.folder import import_folder, main
+from freqmedclip.data.converters.folder import import_folder, main
 from freqmedclip.data.format import load_image, load_mask, read_manifest
 
 
@@ -208,7 +208,7 @@ def test_rerun_resumes_and_redoes_changed_images(folder, capsys):
 
 
 def test_interrupted_run_resumes_without_half_written_samples(folder, monkeypatch):
-    import freqmedclip.data.folder as folder_module
+    import freqmedclip.data.converters.folder as folder_module
 
     calls = []
     real_write = folder_module.write_sample

@@ -13,8 +13,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from freqmedclip.backbone import create_frequency_backbone, haar_stem_weights
-from freqmedclip.frequency import BANDS, FrequencyEncoder, haar_dwt, haar_idwt, subband_input
+from freqmedclip.modeling.backbone import create_frequency_backbone, haar_stem_weights
+from freqmedclip.modeling.frequency import BANDS, FrequencyEncoder, haar_dwt, haar_idwt, subband_input
 
 # ---------------------------------------------------------------------------------------------------------
 # Haar DWT

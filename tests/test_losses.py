@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from freqmedclip.losses import dice_loss, segmentation_loss
-from freqmedclip.model import SegOutput
+from freqmedclip.modeling.losses import dice_loss, segmentation_loss
+from freqmedclip.modeling.model import SegOutput
 
 TARGET = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])  # (1, 1, 2, 2), one foreground pixel
 

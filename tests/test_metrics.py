@@ -1,4 +1,4 @@
-"""Golden-value tests for freqmedclip.metrics and freqmedclip.summary.
+"""Golden-value tests for freqmedclip.evaluation.metrics and freqmedclip.evaluation.summary.
 
 Every expected number is computed by hand in the comments (or by an independent brute-force
 implementation), never by calling the code under test.
@@ -11,8 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from freqmedclip import metrics as M
-from freqmedclip import summary as S
+from freqmedclip.evaluation import metrics as M
+from freqmedclip.evaluation import summary as S
 
 
 def square(shape: tuple[int, int] = (40, 40), top: int = 10, left: int = 10, size: int = 20) -> np.ndarray:

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from freqmedclip.config import VARIANTS, FreqMedCLIPConfig
-from freqmedclip.decoder import FiLM, FusionHead
-from freqmedclip.frequency import FrequencyEncoder, UNetEncoder
-from freqmedclip.fusion import ConcatFusion, CrossStreamFusion, SingleStreamBottleneck, TextGate
-from freqmedclip.model import FreqMedCLIP, SegOutput, build_model, parameter_report
-from freqmedclip.semantic import FiLMTokenAdapter, SemanticEncoder, TextConditionedAdapter
-from freqmedclip.text import PromptError, TextEncoder
+from freqmedclip.modeling.config import VARIANTS, FreqMedCLIPConfig
+from freqmedclip.modeling.decoder import FiLM, FusionHead
+from freqmedclip.modeling.frequency import FrequencyEncoder, UNetEncoder
+from freqmedclip.modeling.fusion import ConcatFusion, CrossStreamFusion, SingleStreamBottleneck, TextGate
+from freqmedclip.modeling.model import FreqMedCLIP, SegOutput, build_model, parameter_report
+from freqmedclip.modeling.semantic import FiLMTokenAdapter, SemanticEncoder, TextConditionedAdapter
+from freqmedclip.modeling.text import PromptError, TextEncoder
 
 OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)   # BiomedCLIP preprocess_cfg
 OPENAI_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from freqmedclip.data import phantom_brain, phantom_breast
+from freqmedclip.data.phantoms import brain as phantom_brain, breast as phantom_breast
 from freqmedclip.data.format import load_image, load_mask, read_manifest
-from freqmedclip.data.phantoms import DEFAULT_SUBJECTS, DOMAINS, generate, main, write_examples
+from freqmedclip.data.phantoms.generate import DEFAULT_SUBJECTS, DOMAINS, generate, main, write_examples
 
 N_SUBJECTS = 4
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from freqmedclip import precision
+from freqmedclip.inference import precision
 
 
 @pytest.fixture

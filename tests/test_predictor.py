@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from _demo_support import decisive_model
 from PIL import Image
 
-from freqmedclip.metrics import dice
-from freqmedclip.predictor import Predictor
-from freqmedclip.preprocess import InputError, normalize
-from freqmedclip.text import PromptError
+from freqmedclip.evaluation.metrics import dice
+from freqmedclip.inference.predictor import Predictor
+from freqmedclip.inference.preprocess import InputError, normalize
+from freqmedclip.modeling.text import PromptError
 
 
 @pytest.fixture(scope="module")

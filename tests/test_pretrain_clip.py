@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from freqmedclip.backbone import create_clip_model, load_clip_backbone
-from freqmedclip.text import TextEncoder
+from freqmedclip.modeling.backbone import create_clip_model, load_clip_backbone
+from freqmedclip.modeling.text import TextEncoder
 from train import pretrain_clip
 
 ARGS = ["--epochs", "1", "--batch-size", "4", "--max-steps", "2", "--workers", "0", "--log-every", "0"]
@@ -19,7 +19,7 @@ ARGS = ["--epochs", "1", "--batch-size", "4", "--max-steps", "2", "--workers", "
 @pytest.fixture(scope="module")
 def tiny_phantoms(tmp_path_factory) -> Path:
     """3 subjects per domain (train/val/test one each, 4 images per subject)."""
-    from freqmedclip.data.phantoms import generate
+    from freqmedclip.data.phantoms.generate import generate
 
     root = tmp_path_factory.mktemp("phantoms")
     generate(root, n_subjects=3, seed=0)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from freqmedclip.data.format import write_manifest
-from freqmedclip.data.phantoms import generate
+from freqmedclip.data.phantoms.generate import generate
 from train import state
 from train import train as trainer
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from freqmedclip.benchmark import device_name, peak_memory_mb, synchronize, write_json
-from freqmedclip.config import VARIANTS, FreqMedCLIPConfig
-from freqmedclip.losses import segmentation_loss
-from freqmedclip.model import build_model
-from freqmedclip.precision import autocast
+from freqmedclip.inference.benchmark import device_name, peak_memory_mb, synchronize, write_json
+from freqmedclip.modeling.config import VARIANTS, FreqMedCLIPConfig
+from freqmedclip.modeling.losses import segmentation_loss
+from freqmedclip.modeling.model import build_model
+from freqmedclip.inference.precision import autocast
 
 PROMPTS = ("whole tumour", "enhancing tumour", "peritumoral oedema", "tumour core", "breast mass",
            "spiculated breast lesion", "lung nodule", "pulmonary nodule on chest CT")

@@ -16,14 +16,14 @@ Notable choices:
   upsampled to the stored mask's grid, thresholded at ``--threshold`` (``>=``, as the Predictor), and every metric
   is computed there with the record's ``spacing_mm``. For converters that store 224x224 masks (all of ours) that
   grid IS the stored 224 grid, with the spacing already rescaled to it; the native scanner grid is not revisited.
-* Metrics and conventions come from ``freqmedclip.metrics`` (DATA.md 4.3): both masks empty -> Dice = IoU = NSD = 1,
+* Metrics and conventions come from ``freqmedclip.evaluation.metrics`` (DATA.md 4.3): both masks empty -> Dice = IoU = NSD = 1,
   distances 0; exactly one empty -> overlap 0 and distances = the image diagonal in mm. Such cases are kept and
   counted, never dropped. HD95 is the max of the two directed 95th percentiles; "Boundary Dice" is NSD at
   ``--tolerance-mm``. The CSV column ``hd`` is the Hausdorff distance (eq. 21); ``pred_area`` is the predicted
   fraction of the image.
 * Tables 3-5 use the POSITIVE cases (target present) of one headline structure per dataset (``--table-structure``;
   default the dataset's first structure in manifest order, e.g. whole tumour), as the paper's benchmarks segment
-  slices that contain the target and ``freqmedclip.summary`` needs one structure per (method, dataset). Every
+  slices that contain the target and ``freqmedclip.evaluation.summary`` needs one structure per (method, dataset). Every
   structure, with and without negatives, is in ``summary.json`` and in the detail tables. Negative prompts are
   scored separately: the fraction of GT-empty cases whose predicted area is below 1 % of the image.
 * Table 6: every case is one forward at batch 1 (an ensemble runs all its members), timed on the wall clock after
@@ -52,14 +52,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from freqmedclip import metrics, summary
-from freqmedclip.backbone import ClipBackbone
-from freqmedclip.benchmark import device_name, peak_memory_mb, reset_peak_memory, synchronize
-from freqmedclip.checkpoint import atomic_write, code_version, load_ensemble, read_checkpoint_header
+from freqmedclip.evaluation import metrics, summary
+from freqmedclip.modeling.backbone import ClipBackbone
+from freqmedclip.inference.benchmark import device_name, peak_memory_mb, reset_peak_memory, synchronize
+from freqmedclip.inference.checkpoint import atomic_write, code_version, load_ensemble, read_checkpoint_header
 from freqmedclip.data.dataset import SegmentationDataset
 from freqmedclip.data.format import load_mask, mask_path
-from freqmedclip.predictor import Predictor
-from freqmedclip.preprocess import resize_to
+from freqmedclip.inference.predictor import Predictor
+from freqmedclip.inference.preprocess import resize_to
 
 CSV_COLUMNS = ("method", "sample_id", "subject_id", "dataset", "structure", "prompt", "positive", "dice", "iou", "hd",
                "hd95", "assd", "nsd", "pred_area", "gt_empty", "pred_empty", "time_ms")

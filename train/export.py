@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from freqmedclip import metrics
-from freqmedclip.checkpoint import load_checkpoint, read_checkpoint_header, save_checkpoint
+from freqmedclip.evaluation import metrics
+from freqmedclip.inference.checkpoint import load_checkpoint, read_checkpoint_header, save_checkpoint
 from freqmedclip.data.dataset import SegmentationDataset
-from freqmedclip.model import FreqMedCLIP
+from freqmedclip.modeling.model import FreqMedCLIP
 from train.evaluate import resolve_checkpoint
 from train.state import publishing, recover
 

@@ -4,7 +4,7 @@
         [--lr LR] [--seed S] [--amp auto|bf16|fp32] [--workers N] [--max-steps N] [--save-dtype fp16|fp32] [--force]
 
 The ``mini`` preset's CLIP (ViT-Tiny/16 + a 4-layer BERT with a character-fallback WordPiece vocabulary,
-``freqmedclip.backbone.create_clip_model``) is trained from scratch with open_clip's ``ClipLoss`` and a learnable
+``freqmedclip.modeling.backbone.create_clip_model``) is trained from scratch with open_clip's ``ClipLoss`` and a learnable
 temperature on the train split of a dataset root (``freqmedclip.data.format``), then written in BiomedCLIP's
 directory layout (``open_clip_config.json``, ``open_clip_model.safetensors``, BERT ``config.json``, tokenizer files)
 so ``load_clip_backbone("local-dir:OUT")`` loads it; segmentation then keeps it frozen, as the paper keeps
@@ -33,7 +33,7 @@ Notable choices:
   directory is skipped.
 * ``open_clip_config.json`` names the text tower by the output path relative to the repository when the output
   is inside it, never by this machine's absolute path; our loader ignores that name anyway and reads the BERT
-  config and tokenizer from the directory itself (``freqmedclip.backbone.load_clip_backbone``).
+  config and tokenizer from the directory itself (``freqmedclip.modeling.backbone.load_clip_backbone``).
 * Budget: the defaults (30 epochs x 9 steps of 32 on the 504 train images of the default phantom set = 270 steps)
   were measured at 3.1 s/step on 2 idle cores of an AVX512 Xeon without AMX (fp32; ~14 min in all) and ~3.8 s of
   CPU per step on one core (~17 min); on a shared machine set OMP_NUM_THREADS=1, as 2 threads on busy cores run
@@ -66,12 +66,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from freqmedclip.backbone import CLIP_MEAN, CLIP_STD, create_clip_model, save_clip_dir
-from freqmedclip.checkpoint import atomic_write
+from freqmedclip.modeling.backbone import CLIP_MEAN, CLIP_STD, create_clip_model, save_clip_dir
+from freqmedclip.inference.checkpoint import atomic_write
 from freqmedclip.data.dataset import IMAGE_SIZE, Augment, _affine_theta, intensity_jitter, paired_transform
 from freqmedclip.data.format import load_image, read_manifest
-from freqmedclip import precision
-from freqmedclip.precision import autocast
+from freqmedclip.inference import precision
+from freqmedclip.inference.precision import autocast
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATE_WEIGHTS = "pretrain_state.safetensors"

@@ -16,7 +16,7 @@ Notable choices:
   (``train/state.py``). Multi-node runs need ``--run-dir`` on a shared filesystem.
 * The text tower is frozen; the model caches each prompt's features (encoded alone, in fp32, so they never
   depend on batch composition) and every prompt is encoded once before training starts.
-* Validation: Dice of the thresholded fused mask per record (both empty = 1, as ``freqmedclip.metrics``),
+* Validation: Dice of the thresholded fused mask per record (both empty = 1, as ``freqmedclip.evaluation.metrics``),
   averaged per dataset; model selection and early stopping use the mean over datasets. Under DDP each rank
   takes a strided, unpadded share of the val set and the sums are all-reduced: no record counts twice.
 * A non-finite loss skips its optimizer step on every rank; ``--nonfinite-patience`` consecutive ones stop
@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +45,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
 
-from freqmedclip.backbone import ClipBackbone
-from freqmedclip.checkpoint import WEIGHTS, atomic_write, code_version, read_checkpoint_header, save_checkpoint
-from freqmedclip import precision
-from freqmedclip.config import PRESETS, VARIANTS, FreqMedCLIPConfig
+from freqmedclip.modeling.backbone import ClipBackbone
+from freqmedclip.inference.checkpoint import WEIGHTS, atomic_write, code_version, read_checkpoint_header, save_checkpoint
+from freqmedclip.inference import precision
+from freqmedclip.modeling.config import PRESETS, VARIANTS, FreqMedCLIPConfig
 from freqmedclip.data.dataset import SegmentationDataset, sampling_weights
-from freqmedclip.losses import segmentation_loss
-from freqmedclip.metrics import dice
-from freqmedclip.model import FreqMedCLIP, build_model, parameter_report
-from freqmedclip.precision import autocast
+from freqmedclip.modeling.losses import segmentation_loss
+from freqmedclip.evaluation.metrics import dice
+from freqmedclip.modeling.model import FreqMedCLIP, build_model, parameter_report
+from freqmedclip.inference.precision import autocast
 from train import distributed, state
 
 LOSS_TERMS = ("loss", "dice", "bce", "semantic_dice", "frequency_dice")
@@ -260,15 +261,76 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def train(args: argparse.Namespace, command: list[str], rank: int, world: int, device: torch.device) -> dict:
     """Set up, resume if ``<run-dir>/latest`` exists, then run the epochs; ``command`` goes into checkpoints."""
-    run_dir, main_rank = Path(args.run_dir), rank == 0
-    latest, best_dir, metrics_path = run_dir / "latest", run_dir / "best", run_dir / "metrics.jsonl"
-    if main_rank:
+    run = set_up(args, command, rank, world, device)
+    resume_or_seed(run)
+    run.ddp = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else run.model  # after resuming: DDP broadcasts rank 0's weights
+    progress = run.progress
+    for epoch in range(progress["epoch"], progress["epoch"] if progress["stopped"] else args.epochs):
+        row = train_one_epoch(run, epoch)
+        improved = validate(run, epoch, row)
+        save_checkpoints(run, epoch, row, improved)
+        log_epoch(run, row)
+        if progress["stopped"]:
+            run.log.info(progress["stopped"])
+            break
+    run.log.info("done: best val Dice %.4f at epoch %d; checkpoints in %s", progress["best_dice"],
+                 progress["best_epoch"], run.run_dir)
+    return {"best_dice": progress["best_dice"], "best_epoch": progress["best_epoch"],
+            "epochs_done": progress["epoch"], "stopped": progress["stopped"]}
+
+
+@dataclass
+class Run:
+    """What the steps of one run share: made by ``set_up``, advanced by the other steps."""
+
+    args: argparse.Namespace
+    command: list[str]
+    rank: int
+    world: int
+    device: torch.device
+    log: logging.Logger
+    model: FreqMedCLIP
+    params: list[Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    amp: str
+    scaler: torch.amp.GradScaler
+    sampler: Any
+    loader: DataLoader
+    val_loader: DataLoader
+    val_names: list[str]
+    n_batches: int
+    progress: dict[str, Any] = field(default_factory=lambda: {
+        "epoch": 0, "step": 0, "best_dice": -1.0, "best_epoch": 0, "bad_validations": 0, "stopped": None})
+    rows: list[dict[str, Any]] = field(default_factory=list)   # metrics.jsonl, one row per finished epoch
+    ddp: Any = None                                             # the model, wrapped by DDP when world > 1
+    nonfinite_streak: int = 0
+    version: str = field(default_factory=code_version)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.args.run_dir)
+
+    @property
+    def latest(self) -> Path:
+        return self.run_dir / "latest"
+
+    @property
+    def main_rank(self) -> bool:
+        return self.rank == 0
+
+
+def set_up(args: argparse.Namespace, command: list[str], rank: int, world: int, device: torch.device) -> Run:
+    """Run directory and logger, the model and its optimizer, the data loaders, and every prompt encoded once."""
+    run_dir = Path(args.run_dir)
+    if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        state.recover(latest)
-        state.recover(best_dir)
+        state.recover(run_dir / "latest")
+        state.recover(run_dir / "best")
         (run_dir / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False))
     distributed.barrier()
-    log = make_logger(run_dir, main_rank)
+    log = make_logger(run_dir, rank == 0)
     log.info("command: %s", " ".join(command))
 
     state.seed_everything(args.seed)  # identical initial weights on every rank
@@ -294,7 +356,6 @@ def train(args: argparse.Namespace, command: list[str], rank: int, world: int, d
                         pin_memory=device.type == "cuda")
     val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size,
                             num_workers=args.workers)  # strided, unpadded: every record exactly once overall
-    val_names = sorted({r.dataset for r in val_set.records})
     prompts = sorted({p for r in train_set.records + val_set.records for p in r.prompts})
     with torch.no_grad():
         for prompt in prompts:
@@ -303,130 +364,148 @@ def train(args: argparse.Namespace, command: list[str], rank: int, world: int, d
     log.info("%s/%s on %s x %d | train %d records, val %d | effective batch %d | %d steps/epoch | %d prompts",
              args.preset, args.variant, device, world, len(train_set), len(val_set),
              args.batch_size * world * args.grad_accum, math.ceil(n_batches / args.grad_accum), len(prompts))
+    return Run(args, command, rank, world, device, log, model, params, optimizer, scheduler, amp, scaler, sampler,
+               loader, val_loader, sorted({r.dataset for r in val_set.records}), n_batches)
 
-    progress = {"epoch": 0, "step": 0, "best_dice": -1.0, "best_epoch": 0, "bad_validations": 0, "stopped": None}
-    if (latest / "train_state.json").is_file():
-        saved = resume(latest, args, model, optimizer, scheduler, scaler)
-        progress = {k: saved[k] for k in progress}
-        if len(saved["rng"]) == world:
-            state.set_rng_state(saved["rng"][rank])
+
+def resume_or_seed(run: Run) -> None:
+    """Continue from ``<run-dir>/latest`` when it exists (weights, optimizer, progress, RNG), else seed per rank."""
+    args, progress, metrics_path = run.args, run.progress, run.run_dir / "metrics.jsonl"
+    if (run.latest / "train_state.json").is_file():
+        saved = resume(run.latest, args, run.model, run.optimizer, run.scheduler, run.scaler)
+        progress.update({k: saved[k] for k in progress})
+        if len(saved["rng"]) == run.world:
+            state.set_rng_state(saved["rng"][run.rank])
         else:
-            state.seed_everything(args.seed * world + rank + progress["epoch"])
-            log.info("world size changed from %d to %d: RNG streams reseeded", len(saved["rng"]), world)
-        log.info("resumed from %s after epoch %d (progress inside an interrupted epoch is discarded)%s", latest,
-                 progress["epoch"], f"; nothing to do: {progress['stopped']}" if progress["stopped"] else "")
+            state.seed_everything(args.seed * run.world + run.rank + progress["epoch"])
+            run.log.info("world size changed from %d to %d: RNG streams reseeded", len(saved["rng"]), run.world)
+        run.log.info("resumed from %s after epoch %d (progress inside an interrupted epoch is discarded)%s",
+                     run.latest, progress["epoch"],
+                     f"; nothing to do: {progress['stopped']}" if progress["stopped"] else "")
     else:
-        state.seed_everything(args.seed * world + rank)  # per-rank augmentation streams
+        state.seed_everything(args.seed * run.world + run.rank)  # per-rank augmentation streams
     if len(set(distributed.all_gather_objects(progress["epoch"]))) > 1:
         raise SystemExit("ranks found different checkpoints: put --run-dir on a shared filesystem")
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
-    rows = [r for r in rows if r["epoch"] <= progress["epoch"]]  # drop rows of an epoch whose checkpoint was lost
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    version, streak = code_version(), 0
+    run.rows = [r for r in rows if r["epoch"] <= progress["epoch"]]  # drop rows of an epoch whose checkpoint was lost
 
-    for epoch in range(progress["epoch"], progress["epoch"] if progress["stopped"] else args.epochs):
-        sampler.set_epoch(epoch)
-        ddp.train()
-        totals = torch.zeros(len(LOSS_TERMS) + 3, device=device)     # loss terms, grad norm, steps, images
-        window = torch.zeros(len(LOSS_TERMS) + 1, device=device)     # one step's loss terms + non-finite count
-        start = time.perf_counter()
-        bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not main_rank, leave=False)
-        for i, batch in zip(range(n_batches), loader):
-            micro = min(args.grad_accum, n_batches - i // args.grad_accum * args.grad_accum)  # last step may be short
-            last = (i + 1) % args.grad_accum == 0 or i + 1 == n_batches
-            image, mask = batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True)
-            with ddp.no_sync() if world > 1 and not last else nullcontext():
-                with autocast(device, amp):
-                    output = ddp(image, batch["prompt"])
-                terms = segmentation_loss(output, mask, model.config.bce_weight, model.config.semantic_aux_weight,
-                                          model.config.frequency_aux_weight)
-                scaler.scale(terms.total / micro).backward()
-            window += torch.stack([*(t.detach().float() for t in terms), (~torch.isfinite(terms.total)).float()])
-            totals[-1] += len(image)
-            bar.update()
-            if not last:
-                continue
-            nonfinite = distributed.all_reduce_sum(window[-1:].clone()).item() > 0
-            if not nonfinite:
-                scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad if args.clip_grad > 0 else math.inf)
-                norm_finite = torch.isfinite(norm).item()
-                nonfinite = not norm_finite and not scaler.is_enabled()  # fp16 overflow: scaler.step skips itself
-            if nonfinite:
-                optimizer.zero_grad(set_to_none=True)
-                streak += 1
-                log.warning("non-finite loss or gradient at epoch %d, batch %d: step skipped (%d in a row)",
-                            epoch + 1, i + 1, streak)
-                if streak >= args.nonfinite_patience:
-                    message = (f"stopped: {streak} consecutive non-finite steps (--nonfinite-patience "
-                               f"{args.nonfinite_patience}); the last good checkpoint in {latest} is kept")
-                    log.error(message)
-                    raise SystemExit(message)
-            else:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                totals[:len(LOSS_TERMS)] += window[:-1] / micro
-                totals[len(LOSS_TERMS)] += norm.float() if norm_finite else 0.0
-                totals[-2] += 1
-                progress["step"] += 1
-                streak = 0
-            window.zero_()
-        bar.close()
-        seconds = time.perf_counter() - start
-        totals = distributed.all_reduce_sum(totals).tolist()
-        steps = max(totals[-2], 1.0)
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": progress["step"], "lr": optimizer.param_groups[0]["lr"],
-                               "train": {t: v / steps for t, v in zip(LOSS_TERMS, totals)},
-                               "grad_norm": totals[len(LOSS_TERMS)] / steps, "time_s": round(seconds, 2),
-                               "images_per_s": round(totals[-1] / seconds, 2), "world_size": world}
-        scheduler.step()
-        progress["epoch"] = epoch + 1
-        improved = False
-        if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
-            row["val"] = evaluate(model, val_loader, val_names, device, amp)
-            improved = row["val"]["dice"] > progress["best_dice"]
-            if improved:
-                progress.update(best_dice=row["val"]["dice"], best_epoch=epoch + 1, bad_validations=0)
-            else:
-                progress["bad_validations"] += 1
-            if 0 < args.patience <= progress["bad_validations"]:
-                progress["stopped"] = (f"early stopping after epoch {epoch + 1}: no better val Dice in "
-                                       f"{args.patience} validations (best {progress['best_dice']:.4f} at epoch "
-                                       f"{progress['best_epoch']})")
-        row["best_dice"] = progress["best_dice"]
-        rng = distributed.all_gather_objects(state.rng_state())
-        if main_rank:
-            rows.append(row)
-            atomic_write(metrics_path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
-            plot_curves(rows, run_dir / "curves.png")
-            metadata = {"args": vars(args), "epoch": epoch + 1, "metrics": row, "command": command,
-                        "code_version": version, "world_size": world}
-            if improved:
-                with state.publishing(best_dir) as tmp:
-                    save_checkpoint(tmp, model, metadata)
-            with state.publishing(latest) as tmp:
-                save_checkpoint(tmp, model, metadata)
-                objects = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "scaler": scaler.state_dict(), "rng": rng}
-                state.save_train_state(tmp, dict(progress, sampler_epoch=epoch + 1, world_size=world), objects)
-        distributed.barrier()
-        val = " ".join(f"{k} {v:.3f}" for k, v in row["val"]["per_dataset"].items()) if "val" in row else "-"
-        if "val" in row and row["val"]["negative_empty_rate"] is not None:
-            val += f"; absent targets left empty {row['val']['negative_empty_rate']:.1%}"
-        log.info("epoch %d/%d | loss %.4f (dice %.4f bce %.4f sem %.4f freq %.4f) | val Dice (targets present) %s [%s]"
-                 " | best %.4f @%d"
-                 " | lr %.2e | %.1f s, %.1f img/s", epoch + 1, args.epochs, *row["train"].values(),
-                 f"{row['val']['dice']:.4f}" if "val" in row else "-", val, progress["best_dice"],
-                 progress["best_epoch"], row["lr"], seconds, row["images_per_s"])
-        if progress["stopped"]:
-            log.info(progress["stopped"])
-            break
-    log.info("done: best val Dice %.4f at epoch %d; checkpoints in %s", progress["best_dice"],
-             progress["best_epoch"], run_dir)
-    return {"best_dice": progress["best_dice"], "best_epoch": progress["best_epoch"],
-            "epochs_done": progress["epoch"], "stopped": progress["stopped"]}
+
+def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """One pass of optimizer steps (grad accumulation, clipping, non-finite skip); returns the epoch's metrics row."""
+    args, model, ddp, optimizer, scaler, device = run.args, run.model, run.ddp, run.optimizer, run.scaler, run.device
+    run.sampler.set_epoch(epoch)
+    ddp.train()
+    totals = torch.zeros(len(LOSS_TERMS) + 3, device=device)     # loss terms, grad norm, steps, images
+    window = torch.zeros(len(LOSS_TERMS) + 1, device=device)     # one step's loss terms + non-finite count
+    start = time.perf_counter()
+    n_batches = run.n_batches
+    bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not run.main_rank, leave=False)
+    for i, batch in zip(range(n_batches), run.loader):
+        micro = min(args.grad_accum, n_batches - i // args.grad_accum * args.grad_accum)  # last step may be short
+        last = (i + 1) % args.grad_accum == 0 or i + 1 == n_batches
+        image, mask = batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True)
+        with ddp.no_sync() if run.world > 1 and not last else nullcontext():
+            with autocast(device, run.amp):
+                output = ddp(image, batch["prompt"])
+            terms = segmentation_loss(output, mask, model.config.bce_weight, model.config.semantic_aux_weight,
+                                      model.config.frequency_aux_weight)
+            scaler.scale(terms.total / micro).backward()
+        window += torch.stack([*(t.detach().float() for t in terms), (~torch.isfinite(terms.total)).float()])
+        totals[-1] += len(image)
+        bar.update()
+        if not last:
+            continue
+        nonfinite = distributed.all_reduce_sum(window[-1:].clone()).item() > 0
+        if not nonfinite:
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(run.params, args.clip_grad if args.clip_grad > 0 else math.inf)
+            norm_finite = torch.isfinite(norm).item()
+            nonfinite = not norm_finite and not scaler.is_enabled()  # fp16 overflow: scaler.step skips itself
+        if nonfinite:
+            optimizer.zero_grad(set_to_none=True)
+            run.nonfinite_streak += 1
+            run.log.warning("non-finite loss or gradient at epoch %d, batch %d: step skipped (%d in a row)",
+                            epoch + 1, i + 1, run.nonfinite_streak)
+            if run.nonfinite_streak >= args.nonfinite_patience:
+                message = (f"stopped: {run.nonfinite_streak} consecutive non-finite steps (--nonfinite-patience "
+                           f"{args.nonfinite_patience}); the last good checkpoint in {run.latest} is kept")
+                run.log.error(message)
+                raise SystemExit(message)
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            totals[:len(LOSS_TERMS)] += window[:-1] / micro
+            totals[len(LOSS_TERMS)] += norm.float() if norm_finite else 0.0
+            totals[-2] += 1
+            run.progress["step"] += 1
+            run.nonfinite_streak = 0
+        window.zero_()
+    bar.close()
+    seconds = time.perf_counter() - start
+    totals = distributed.all_reduce_sum(totals).tolist()
+    steps = max(totals[-2], 1.0)
+    row: dict[str, Any] = {"epoch": epoch + 1, "step": run.progress["step"], "lr": optimizer.param_groups[0]["lr"],
+                           "train": {t: v / steps for t, v in zip(LOSS_TERMS, totals)},
+                           "grad_norm": totals[len(LOSS_TERMS)] / steps, "time_s": round(seconds, 2),
+                           "images_per_s": round(totals[-1] / seconds, 2), "world_size": run.world}
+    run.scheduler.step()
+    run.progress["epoch"] = epoch + 1
+    return row
+
+
+def validate(run: Run, epoch: int, row: dict[str, Any]) -> bool:
+    """Validate when due (every ``--val-every`` epochs and after the last), track the best Dice and early stopping;
+    True when this epoch is the new best."""
+    args, progress = run.args, run.progress
+    improved = False
+    if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
+        row["val"] = evaluate(run.model, run.val_loader, run.val_names, run.device, run.amp)
+        improved = row["val"]["dice"] > progress["best_dice"]
+        if improved:
+            progress.update(best_dice=row["val"]["dice"], best_epoch=epoch + 1, bad_validations=0)
+        else:
+            progress["bad_validations"] += 1
+        if 0 < args.patience <= progress["bad_validations"]:
+            progress["stopped"] = (f"early stopping after epoch {epoch + 1}: no better val Dice in "
+                                   f"{args.patience} validations (best {progress['best_dice']:.4f} at epoch "
+                                   f"{progress['best_epoch']})")
+    row["best_dice"] = progress["best_dice"]
+    return improved
+
+
+def save_checkpoints(run: Run, epoch: int, row: dict[str, Any], improved: bool) -> None:
+    """Rank 0 appends the metrics row, redraws the curves, publishes ``best/`` when improved and always ``latest/``
+    (weights + optimizer, scheduler, scaler, every rank's RNG), each swapped in whole."""
+    rng = distributed.all_gather_objects(state.rng_state())
+    if run.main_rank:
+        run.rows.append(row)
+        rows = run.rows
+        atomic_write(run.run_dir / "metrics.jsonl",
+                     lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+        plot_curves(rows, run.run_dir / "curves.png")
+        metadata = {"args": vars(run.args), "epoch": epoch + 1, "metrics": row, "command": run.command,
+                    "code_version": run.version, "world_size": run.world}
+        if improved:
+            with state.publishing(run.run_dir / "best") as tmp:
+                save_checkpoint(tmp, run.model, metadata)
+        with state.publishing(run.latest) as tmp:
+            save_checkpoint(tmp, run.model, metadata)
+            objects = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                       "scaler": run.scaler.state_dict(), "rng": rng}
+            state.save_train_state(tmp, dict(run.progress, sampler_epoch=epoch + 1, world_size=run.world), objects)
+    distributed.barrier()
+
+
+def log_epoch(run: Run, row: dict[str, Any]) -> None:
+    progress = run.progress
+    val = " ".join(f"{k} {v:.3f}" for k, v in row["val"]["per_dataset"].items()) if "val" in row else "-"
+    if "val" in row and row["val"]["negative_empty_rate"] is not None:
+        val += f"; absent targets left empty {row['val']['negative_empty_rate']:.1%}"
+    run.log.info("epoch %d/%d | loss %.4f (dice %.4f bce %.4f sem %.4f freq %.4f) | val Dice (targets present) %s [%s]"
+                 " | best %.4f @%d | lr %.2e | %.1f s, %.1f img/s", row["epoch"], run.args.epochs,
+                 *row["train"].values(), f"{row['val']['dice']:.4f}" if "val" in row else "-", val,
+                 progress["best_dice"], progress["best_epoch"], row["lr"], row["time_s"], row["images_per_s"])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,5 @@
-"""Data pipeline (paper §4): on-disk format, phantom benchmark, folder importer and torch Dataset.
-
-Only the format API (numpy/Pillow only) is re-exported here; the torch Dataset lives in
-``freqmedclip.data.dataset``.
-"""
+"""Data (paper §4): the on-disk format, the torch Dataset, ``phantoms/`` and ``converters/``.
+Imports nothing else of the package. Only the format API (numpy/Pillow) is re-exported; the Dataset is ``data.dataset``."""
 
 from freqmedclip.data.format import (
     StructureRecord,

@@ -1,6 +1,6 @@
 """Import a folder of images + masks + a prompts CSV into the on-disk format (fine-tune on own data).
 
-``python -m freqmedclip.data.folder --images DIR --masks DIR --prompts prompts.csv --out DIR
+``python -m freqmedclip.data.converters.folder --images DIR --masks DIR --prompts prompts.csv --out DIR
 [--modality MRI] [--dataset NAME] [--spacing MM] [--seed S] [--workers N] [--limit N] [--fractions 0.7 0.2 0.1]``
 
 prompts.csv columns: ``image`` (file name in --images), ``structure``, ``prompt`` (phrasings
@@ -9,7 +9,7 @@ image name; splits are made on it), optional ``mask`` (file name in --masks; emp
 absent). Without a ``mask`` column, masks are found by name in --masks: ``<stem>__<structure>.*``,
 ``<stem>_<structure>.*``, then ``<stem>.*``; rows with no match become negatives and are listed.
 
-It runs on the converters' shared runner (:mod:`freqmedclip.data.convert`): one case is one image
+It runs on the converters' shared runner (:mod:`freqmedclip.data.converters.runner`): one case is one image
 with all its rows, cases run in parallel (``--workers``) with a progress bar, a rerun resumes (it
 skips images already imported with the same options, rows and file sizes/times, and retries the
 skipped ones), and the summary is printed and saved as ``<out>/conversion_<dataset>.json``.
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from freqmedclip.data.convert import (
+from freqmedclip.data.converters.runner import (
     Case,
     CaseError,
     base_parser,
@@ -322,7 +322,7 @@ def import_folder(
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the importer; returns the summary (see convert.run_conversion)."""
-    parser = base_parser("freqmedclip.data.folder", __doc__, "custom", root=False)
+    parser = base_parser("freqmedclip.data.converters.folder", __doc__, "custom", root=False)
     parser.add_argument("--images", type=Path, required=True, help="folder of the images named in prompts.csv")
     parser.add_argument("--masks", type=Path, required=True, help="folder of the masks")
     parser.add_argument(

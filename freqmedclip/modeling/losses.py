@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import SegOutput
+from freqmedclip.modeling.model import SegOutput
 
 
 class LossTerms(NamedTuple):

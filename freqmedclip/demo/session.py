@@ -1,6 +1,6 @@
 """The demo's logic, everything but the layout: ``app.py`` only converts these results to Gradio values.
 
-A :class:`DemoSession` wraps a :class:`~freqmedclip.predictor.Predictor` (one model or an ensemble) and computes:
+A :class:`DemoSession` wraps a :class:`~freqmedclip.inference.predictor.Predictor` (one model or an ensemble) and computes:
 
 * :meth:`DemoSession.update`: one full update of every panel for an image and a prompt: the ensemble mean
   mask with its uncertainty and a verdict, both streams' Grad-CAMs, the Haar sub-bands the frequency encoder
@@ -33,10 +33,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from . import demo_render as render
-from .backbone import HF_PREFIX, load_clip_backbone
-from .checkpoint import REPO_ROOT, BackboneMismatchError, load_ensemble
-from .demo_io import (
+from freqmedclip.demo import render
+from freqmedclip.demo.uploads import (
     AUTO_WINDOW,
     Limits,
     LoadedImage,
@@ -46,11 +44,22 @@ from .demo_io import (
     load_upload,
     prune,
 )
-from .explain import StreamCAMs, ffbi_attention, wavelet_bands
-from .frequency import BANDS
-from .model import ALL_ON, Switches
-from .predictor import Predictor
-from .preprocess import InputError, resize_to
+from freqmedclip.inference import (
+    ALL_ON,
+    BANDS,
+    HF_PREFIX,
+    REPO_ROOT,
+    BackboneMismatchError,
+    InputError,
+    Predictor,
+    StreamCAMs,
+    Switches,
+    ffbi_attention,
+    load_clip_backbone,
+    load_ensemble,
+    resize_to,
+    wavelet_bands,
+)
 
 MAX_PROMPTS = 6
 CONTROL_PROMPT = "a purple elephant riding a bicycle"

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .frequency import BANDS, subband_input
-from .model import ALL_ON, FreqMedCLIP, StreamFeatures, Switches
+from freqmedclip.modeling.frequency import BANDS, subband_input
+from freqmedclip.modeling.model import ALL_ON, FreqMedCLIP, StreamFeatures, Switches
 
 
 def wavelet_bands(image: Tensor) -> dict[str, np.ndarray]:

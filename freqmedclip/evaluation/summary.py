@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import DEFAULT_TOLERANCE_MM, HIGHER_IS_BETTER, METRIC_NAMES
+from freqmedclip.evaluation.metrics import DEFAULT_TOLERANCE_MM, HIGHER_IS_BETTER, METRIC_NAMES
 
 GROUP_KEYS = ("method", "dataset", "structure")
 N_BOOT = 2000
@@ -330,7 +330,7 @@ def efficiency_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
     Args:
         rows: dicts with ``method``, ``time_ms`` (per image) and ``peak_memory_mb`` in MiB, as
-            ``freqmedclip.benchmark.run`` reports it (``torch.cuda.max_memory_allocated() / 2**20``);
+            ``freqmedclip.inference.benchmark.run`` reports it (``torch.cuda.max_memory_allocated() / 2**20``);
             optionally ``time_ms_sd``, printed as "mean ± sd". Memory is printed in GiB, as the
             paper's GB column.
     """

@@ -1,6 +1,6 @@
 """Speed of one full demo update: prediction, both Grad-CAMs, sub-bands and a 4-prompt sensitivity run.
 
-    python -m freqmedclip.demo_benchmark [--members 1 3] [--dtype fp32|bf16] [--device cpu|cuda] [--threads N]
+    python -m freqmedclip.demo.benchmark [--members 1 3] [--dtype fp32|bf16] [--device cpu|cuda] [--threads N]
                                          [--repeats 10] [--checkpoint DIR ...]
 
 Without ``--checkpoint`` the mini preset is built with random weights (speed does not depend on the values).
@@ -23,24 +23,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbone import random_clip_backbone
-from .config import FreqMedCLIPConfig
-from .demo import DemoSession, load_session
-from .demo_io import load_upload
-from .model import build_model
-from .predictor import Predictor
+from freqmedclip.demo.session import DemoSession, load_session
+from freqmedclip.demo.uploads import load_upload
+from freqmedclip.inference import Predictor, random_ensemble
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "brain_whole_tumour.png"
+EXAMPLE = Path(__file__).resolve().parents[2] / "assets" / "examples" / "brain_whole_tumour.png"
 PROMPT = "whole tumour"
 WORKBENCH = ("whole tumour", "tumour core", "lesion", "normal tissue")
 
 
 def random_session(members: int, dtype: str, device: str = "cpu") -> DemoSession:
     """A session over ``members`` randomly initialised mini models sharing one backbone."""
-    backbone = random_clip_backbone("mini")
-    config = FreqMedCLIPConfig.from_preset("mini", frequency_weights="none")
-    models = [build_model(config, backbone, device=device) for _ in range(members)]
-    return DemoSession(Predictor(models, device=device, dtype=dtype))
+    return DemoSession(Predictor(random_ensemble(members, "mini", device), device=device, dtype=dtype))
 
 
 def benchmark(session: DemoSession, image: Path, warmup: int, repeats: int) -> dict:

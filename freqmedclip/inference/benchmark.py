@@ -1,6 +1,6 @@
 """Inference benchmark: pyramid shapes, parameter counts, per-stage and end-to-end latency, peak memory.
 
-    python -m freqmedclip.benchmark --preset {mini,full} --device {cpu,cuda} --dtype {fp32,bf16} --json PATH
+    python -m freqmedclip.inference.benchmark --preset {mini,full} --device {cpu,cuda} --dtype {fp32,bf16} --json PATH
 
 The backbone has random weights (latency does not depend on weight values, and the full BiomedCLIP cannot be
 downloaded everywhere). Timings are medians after warm-up (oneDNN builds its bf16 kernels on the first calls).
@@ -21,11 +21,11 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import atomic_write
-from .config import FreqMedCLIPConfig
-from .model import build_model, parameter_report
-from . import precision
-from .precision import autocast
+from freqmedclip.inference.checkpoint import atomic_write
+from freqmedclip.modeling.config import FreqMedCLIPConfig
+from freqmedclip.modeling.model import build_model, parameter_report
+from freqmedclip.inference import precision
+from freqmedclip.inference.precision import autocast
 
 
 def synchronize(device: torch.device) -> None:

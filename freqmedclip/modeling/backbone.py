@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import BIOMEDCLIP_HUB, MINI_BACKBONE_DIR
+from freqmedclip.modeling.config import BIOMEDCLIP_HUB, MINI_BACKBONE_DIR
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 HF_PREFIX = "hf-hub:"
 LOCAL_PREFIX = "local-dir:"
 WEIGHT_FILES = (
@@ -361,7 +361,7 @@ def haar_stem_weights(patch_weight: torch.Tensor, image_channels: int) -> torch.
     <k, h_b> (x2 for LL, which our frequency stream halves). Output: (C_out, 4 * image_channels, 1, 1),
     band-major like the encoder's input.
     """
-    from .frequency import HAAR_KERNELS
+    from freqmedclip.modeling.frequency import HAAR_KERNELS
 
     out_channels, in_channels = patch_weight.shape[:2]
     kernel = torch.nn.functional.avg_pool2d(patch_weight.float(), 2) * 4            # (C_out, C_in, 2, 2)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .semantic import upsample
+from freqmedclip.modeling.semantic import upsample
 
 
 class BottleneckOutput(NamedTuple):

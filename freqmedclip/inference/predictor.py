@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import load_ensemble
-from .explain import StreamCAMs, features_gradcam, mean_cams
-from .model import ALL_ON, FreqMedCLIP, Switches
-from .precision import autocast, resolve
-from .preprocess import DEFAULT_MAX_PIXELS, normalize, resize_to, to_model_input, validate_image
+from freqmedclip.inference.checkpoint import load_ensemble
+from freqmedclip.inference.explain import StreamCAMs, features_gradcam, mean_cams
+from freqmedclip.modeling.model import ALL_ON, FreqMedCLIP, Switches
+from freqmedclip.inference.precision import autocast, resolve
+from freqmedclip.inference.preprocess import DEFAULT_MAX_PIXELS, normalize, resize_to, to_model_input, validate_image
 
 
 @dataclass

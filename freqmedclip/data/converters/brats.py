@@ -40,7 +40,7 @@ files, label values outside the scheme) are skipped and listed in the summary.
 
 Usage::
 
-    python -m freqmedclip.data.brats --root BraTS2020_TrainingData --out data/brats --workers 4
+    python -m freqmedclip.data.converters.brats --root BraTS2020_TrainingData --out data/brats --workers 4
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
-from freqmedclip.data.convert import (
+from freqmedclip.data.converters.runner import (
     Case,
     CaseError,
     base_parser,
@@ -394,7 +394,7 @@ def convert_case(case: Case, out: Path, opt: BratsOptions) -> tuple[list[Structu
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the converter; returns the summary (see convert.run_conversion)."""
-    parser = base_parser("freqmedclip.data.brats", __doc__, "brain")
+    parser = base_parser("freqmedclip.data.converters.brats", __doc__, "brain")
     parser.add_argument(
         "--channels",
         nargs=3,

@@ -2,7 +2,7 @@
 
 ``forward`` reads like the pipeline equations. It returns the fused logits and both branch logits, so deep
 supervision (Eq. 20) and the explanations need no hooks into internals. Ablations and baselines are the same
-class with other config values (see :mod:`freqmedclip.config`).
+class with other config values (see :mod:`freqmedclip.modeling.config`).
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .backbone import ClipBackbone, create_frequency_backbone, load_clip_backbone, random_clip_backbone
-from .config import FreqMedCLIPConfig
-from .decoder import Decoder, FusionHead
-from .frequency import FrequencyEncoder, UNetEncoder
-from .fusion import ConcatFusion, CrossStreamFusion, SingleStreamBottleneck
-from .semantic import SemanticEncoder
-from .text import TextEncoder, TextFeatures
+from freqmedclip.modeling.backbone import ClipBackbone, create_frequency_backbone, load_clip_backbone, random_clip_backbone
+from freqmedclip.modeling.config import FreqMedCLIPConfig
+from freqmedclip.modeling.decoder import Decoder, FusionHead
+from freqmedclip.modeling.frequency import FrequencyEncoder, UNetEncoder
+from freqmedclip.modeling.fusion import ConcatFusion, CrossStreamFusion, SingleStreamBottleneck
+from freqmedclip.modeling.semantic import SemanticEncoder
+from freqmedclip.modeling.text import TextEncoder, TextFeatures
 
 
 class SegOutput(NamedTuple):

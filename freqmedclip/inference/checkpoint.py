@@ -23,10 +23,10 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .backbone import REPO_ROOT, ClipBackbone, load_clip_backbone
-from .config import FreqMedCLIPConfig
-from .model import FreqMedCLIP, build_model
+from freqmedclip import __version__
+from freqmedclip.modeling.backbone import REPO_ROOT, ClipBackbone, load_clip_backbone, random_clip_backbone
+from freqmedclip.modeling.config import FreqMedCLIPConfig
+from freqmedclip.modeling.model import FreqMedCLIP, build_model
 
 FORMAT = "freqmedclip-checkpoint-v1"
 WEIGHTS = "model.safetensors"
@@ -151,3 +151,10 @@ def load_ensemble(directories: Sequence[str | Path], backbone: ClipBackbone | No
         models.append(load_checkpoint(directory, backbone, device))
         backbone = models[-1].clip_backbone
     return models
+
+
+def random_ensemble(members: int, preset: str = "mini", device: str | torch.device = "cpu") -> list[FreqMedCLIP]:
+    """``members`` UNTRAINED models of a preset sharing one random backbone: for speed benchmarks only."""
+    backbone = random_clip_backbone(preset)
+    config = FreqMedCLIPConfig.from_preset(preset, frequency_weights="none")
+    return [build_model(config, backbone, device=device) for _ in range(members)]

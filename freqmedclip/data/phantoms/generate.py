@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freqmedclip.data import phantom_brain, phantom_breast, phantom_lung
+from freqmedclip.data.phantoms import brain as phantom_brain, breast as phantom_breast, lung as phantom_lung
 from freqmedclip.data.format import StructureRecord, assign_splits, load_mask, write_manifest, write_sample
 
 DOMAINS = (phantom_brain, phantom_breast, phantom_lung)  # position = domain code in the RNG seed

@@ -1,6 +1,6 @@
 """Paper figures from checkpoints and a dataset root, as PNG and PDF (matplotlib, Agg, no display).
 
-    python -m freqmedclip.figures --checkpoint DIR [DIR ...] --data DIR --out DIR [--baseline DIR [DIR ...]]
+    python -m freqmedclip.demo.figures --checkpoint DIR [DIR ...] --data DIR --out DIR [--baseline DIR [DIR ...]]
                                   [--split test] [--per-dataset 1] [--backbone local-dir:PATH|hf-hub:ID]
 
 * Fig. 2 (``fig2_qualitative``): per dataset (rows), ground-truth contour in green, ours (the ensemble mean
@@ -27,11 +27,11 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .checkpoint import atomic_write, load_ensemble
-from .data.format import StructureRecord, load_image, load_mask, read_manifest
-from .demo_render import resize_map
-from .metrics import dice
-from .predictor import Predictor
+from freqmedclip.inference import Predictor, load_clip_backbone, load_ensemble
+from freqmedclip.inference.checkpoint import atomic_write
+from freqmedclip.data.format import StructureRecord, load_image, load_mask, read_manifest
+from freqmedclip.demo.render import resize_map
+from freqmedclip.evaluation.metrics import dice
 
 GT_COLOUR, OURS_COLOUR, BASELINE_COLOUR = "#00c800", "#e61e1e", "#2860ff"
 
@@ -168,8 +168,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backbone", default=None, help="local-dir:PATH | hf-hub:ID (default: the checkpoints')")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    from .backbone import load_clip_backbone
-
     backbone = load_clip_backbone(args.backbone) if args.backbone else None
     models = load_ensemble(args.checkpoint, backbone, device=args.device)
     predictor = Predictor(models, device=args.device)

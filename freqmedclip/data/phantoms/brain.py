@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from freqmedclip.data.phantom_shapes import (
+from freqmedclip.data.phantoms.shapes import (
     SIZE,
     PhantomView,
     bias_field,

@@ -45,7 +45,7 @@ cannot reproduce those counts exactly.
 
 Usage::
 
-    python -m freqmedclip.data.cbis_ddsm --root CBIS-DDSM --out data/cbis --workers 4
+    python -m freqmedclip.data.converters.cbis_ddsm --root CBIS-DDSM --out data/cbis --workers 4
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from freqmedclip.data.convert import (
+from freqmedclip.data.converters.runner import (
     Case,
     CaseError,
     base_parser,
@@ -501,7 +501,7 @@ def convert_case(case: Case, out: Path, opt: CbisOptions) -> tuple[list[Structur
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the converter; returns the summary (see convert.run_conversion)."""
-    parser = base_parser("freqmedclip.data.cbis_ddsm", __doc__, "breast")
+    parser = base_parser("freqmedclip.data.converters.cbis_ddsm", __doc__, "breast")
     parser.add_argument("--crop-size", type=int, default=512, help="window side in full-mammogram pixels")
     parser.add_argument("--clip-percentiles", type=float, nargs=2, default=(0.5, 99.5), metavar=("LO", "HI"))
     parser.add_argument(

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
-from freqmedclip.data.phantom_shapes import (
+from freqmedclip.data.phantoms.shapes import (
     SIZE,
     PhantomView,
     capsules,

@@ -1,7 +1,7 @@
 """Medical file I/O for the demo: uploads in, masks out.
 
 ``load_upload(path)`` reads PNG, JPEG, TIFF (8/16-bit, gray, RGB, RGBA), DICOM and NIfTI into a
-:class:`LoadedImage`: the raw pixel values the :class:`~freqmedclip.predictor.Predictor` normalises, the modality
+:class:`LoadedImage`: the raw pixel values the :class:`~freqmedclip.inference.predictor.Predictor` normalises, the modality
 and CT window to normalise with, the display image (exactly what the model sees) and, for DICOM and NIfTI, the
 geometry needed to export the mask back into the input's space.
 
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .preprocess import DEFAULT_MAX_PIXELS, WINDOW_PRESETS, InputError, normalize, validate_image
+from freqmedclip.inference.preprocess import DEFAULT_MAX_PIXELS, WINDOW_PRESETS, InputError, normalize, validate_image
 
 AUTO_WINDOW = "auto"          # the DICOM file's own window (CT without one: full range)
 FULL_RANGE = "full range"     # min-max of the slice

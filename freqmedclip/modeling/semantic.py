@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .text import TextFeatures
+from freqmedclip.modeling.text import TextFeatures
 
 
 def upsample(x: Tensor, factor: int = 2) -> Tensor:

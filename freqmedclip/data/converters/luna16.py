@@ -36,7 +36,7 @@ negatives per series (888 series).
 
 Usage::
 
-    python -m freqmedclip.data.luna16 --root LUNA16 --out data/luna --workers 4
+    python -m freqmedclip.data.converters.luna16 --root LUNA16 --out data/luna --workers 4
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from freqmedclip.data.convert import (
+from freqmedclip.data.converters.runner import (
     Case,
     CaseError,
     base_parser,
@@ -365,7 +365,7 @@ def convert_case(case: Case, out: Path, opt: LunaOptions) -> tuple[list[Structur
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the converter; returns the summary (see convert.run_conversion)."""
-    parser = base_parser("freqmedclip.data.luna16", __doc__, "lung")
+    parser = base_parser("freqmedclip.data.converters.luna16", __doc__, "lung")
     parser.add_argument(
         "--annotations", type=Path, default=None, help="annotations.csv (default: the one found under --root)"
     )

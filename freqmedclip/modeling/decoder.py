@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .semantic import conv_norm_act, upsample
+from freqmedclip.modeling.semantic import conv_norm_act, upsample
 
 
 class FiLM(nn.Module):

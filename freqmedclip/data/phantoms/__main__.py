@@ -1,0 +1,3 @@
+from freqmedclip.data.phantoms.generate import main
+
+main()

@@ -1,0 +1,2 @@
+"""The browser demo's logic (what ``app.py`` imports): the session, medical uploads, rendering, figures, benchmark.
+Reaches the model only through ``freqmedclip.inference``; may also use ``evaluation`` and ``data``."""
