@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from freqmedclip.modeling.backbone import create_frequency_backbone, haar_stem_weights
-from freqmedclip.modeling.frequency import BANDS, FrequencyEncoder, haar_dwt, haar_idwt, subband_input
+from freqmedclip.modeling.frequency import (
+    BANDS,
+    FrequencyEncoder,
+    haar_dwt,
+    haar_idwt,
+    haar_stem_kernel,
+    subband_input,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Haar DWT
@@ -129,6 +136,29 @@ def _summed_2x2_kernel(patch_weight: torch.Tensor) -> torch.Tensor:
     """(O, I, 4, 4) -> (O, I, 2, 2): each 2x2 block of the 4x4 kernel summed (independent of the code)."""
     o, i = patch_weight.shape[:2]
     return patch_weight.reshape(o, i, 2, 2, 2, 2).sum(dim=(3, 5))
+
+
+def test_fused_haar_stem_equals_dwt_then_1x1_stem_in_float64():
+    # The encoder's 2x2 stride-2 conv must be the very function "Haar DWT, then the 1x1 stem", values and gradients
+    # alike: in float64 both are exact up to ~1e-15 relative, so any wrong band, sign, scale or channel order shows.
+    convnext = timm.create_model("convnext_atto", pretrained=False, in_chans=12, patch_size=1, num_classes=0).double()
+    encoder = FrequencyEncoder(convnext)
+    image = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3),
+                        requires_grad=True)
+    fused = encoder.stem(image)
+    reference = convnext.stem(subband_input(image))
+    assert fused.shape == reference.shape == (2, 40, 8, 8)
+    assert torch.allclose(fused, reference, rtol=0, atol=1e-12)
+    cotangent = torch.randn_like(fused)
+    grads = torch.autograd.grad(fused, (image, convnext.stem[0].weight), cotangent)
+    grads_reference = torch.autograd.grad(reference, (image, convnext.stem[0].weight), cotangent)
+    for ours, theirs in zip(grads, grads_reference):
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
+    # hand check of one entry: the kernel of output channel 0 on image channel 1 at pixel (0, 1) is
+    # sum_b w[0, 3b + 1] * scale_b * H_b[0, 1] with scale (1/2, 1, 1, 1) and H[.., 0, 1] = (1, 1, -1, -1) / 2
+    w = convnext.stem[0].weight[:, :, 0, 0]
+    expected = (0.5 * w[0, 1] + w[0, 4] - w[0, 7] - w[0, 10]) / 2
+    assert torch.isclose(haar_stem_kernel(convnext.stem[0].weight, 3)[0, 1, 0, 1], expected, rtol=0, atol=1e-15)
 
 
 def test_haar_stem_weights_reproduce_the_patch_conv():

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from freqmedclip.data.dataset import SegmentationDataset
 from freqmedclip.data.format import write_manifest
 from freqmedclip.data.phantoms.generate import generate
 from train import state
@@ -112,6 +113,47 @@ def test_distributed_weighted_sampler_shards_one_balanced_draw():
         single.set_epoch(epoch)
         picks += list(single)
     assert 0.42 < sum(i >= 90 for i in picks) / len(picks) < 0.58
+
+
+def test_validation_grouped_by_image_counts_every_record_once_and_scores_like_one_record_at_a_time(
+        tmp_path, mini_backbone):
+    root = tmp_path / "phantoms"
+    generate(root, n_subjects=3, seed=0, workers=1)
+    val_set = SegmentationDataset(root, "val", train=False)
+    images = {r.image for r in val_set.records}
+    assert len(val_set) > len(images)        # several prompts per image, or grouping would prove nothing
+    shards = [trainer.ImageGroups.of(val_set, rank, 2) for rank in range(2)]
+    indices = [i for shard in shards for group in shard.groups for i in group]
+    assert sorted(indices) == list(range(len(val_set)))                      # every record exactly once over ranks
+    assert sum(len(s) for s in shards) == len(images)                        # one item per image
+    for shard in shards:
+        for group in shard.groups:
+            assert len({val_set.records[i].image for i in group}) == 1
+
+    args = trainer.parse_args(["--config", str(REPO_ROOT / "train/configs/mini.yaml")])
+    torch.manual_seed(0)
+    model = trainer.make_model(args, mini_backbone).eval()
+    names = sorted({r.dataset for r in val_set.records})
+    grouped = trainer.evaluate(model, trainer.ImageGroups.of(val_set), names, torch.device("cpu"), "fp32")
+    # the reference: each record alone through the model, batch 1, no shared image
+    sums = {n: [0.0, 0, 0, 0] for n in names}
+    with torch.no_grad():
+        for item in val_set:
+            pred = (model(item["image"][None], [item["prompt"]]).logits[0, 0] > 0).numpy()
+            gt = item["mask"][0].numpy() > 0.5
+            row = sums[item["dataset"]]
+            if gt.any():
+                row[0] += trainer.dice(pred, gt)
+                row[1] += 1
+            else:
+                row[2] += float(pred.mean() < 0.01)
+                row[3] += 1
+    assert grouped["count"] == {n: s[1] + s[3] for n, s in sums.items()}
+    for name, (dice_sum, positives, _, _) in sums.items():
+        # shared and single forwards may take other kernels: a few of 224 x 224 pixels may flip at logit 0
+        assert grouped["per_dataset"][name] == pytest.approx(dice_sum / positives, abs=0.005)
+    negatives = sum(s[3] for s in sums.values())
+    assert grouped["negative_empty_rate"] == pytest.approx(sum(s[2] for s in sums.values()) / negatives, abs=1e-9)
 
 
 def test_publishing_swaps_directories_atomically(tmp_path):

@@ -1,7 +1,11 @@
 """Training throughput: forward + backward + AdamW step of FreqMedCLIP on random data, after warm-up.
 
     python -m train.benchmark_train --preset mini|full --device cpu|cuda --dtype fp32|bf16 [--batch-size 8]
-        [--variant full] [--channels-last] [--compile] [--warmup 3] [--steps 10] --json PATH
+        [--variant full] [--channels-last] [--compile] [--warmup 3] [--steps 10] [--breakdown] --json PATH
+
+``--breakdown`` also times each stage of a step on its own (forward, then backward of a random linear function of
+its outputs, the way the loss reaches it) and lists the step's most expensive ops (torch.profiler), so the README's
+profile can be reproduced: the stages' sum is close to the step, the rest is the loss and Python overhead.
 
 The CLIP backbone has random weights (speed does not depend on weight values; the full BiomedCLIP is not on every
 machine) and stays frozen, as in training; only the trainable modules get gradients and optimizer state. Prompts are
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from freqmedclip.inference.benchmark import device_name, peak_memory_mb, synchronize, write_json
 from freqmedclip.modeling.config import VARIANTS, FreqMedCLIPConfig
@@ -58,7 +63,7 @@ def run(preset: str, variant: str, device_str: str, dtype: str, batch_size: int,
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01, fused=True)
     generator = torch.Generator().manual_seed(0)
     images, masks = random_batch(batch_size, config.image_size, device, generator, channels_last)
     text = model.text([PROMPTS[i % len(PROMPTS)] for i in range(batch_size)])    # frozen tower: encoded once
@@ -100,6 +105,106 @@ def run(preset: str, variant: str, device_str: str, dtype: str, batch_size: int,
     }
 
 
+def _timed(fn, repeats: int) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls (after one untimed call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def breakdown(preset: str, variant: str, dtype: str, batch_size: int, repeats: int = 5,
+              top_ops: int = 8) -> dict[str, Any]:
+    """Per-stage forward / backward time (ms) of one training step, each stage run alone, plus the top ops.
+
+    Each stage's backward starts from a fixed random cotangent on its outputs; inputs that carry a gradient in the
+    real step (the decoders' features) carry one here too, so every stage pays for exactly the work it does there.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    config = FreqMedCLIPConfig.from_preset(preset, variant, frequency_weights="none")
+    model = build_model(config, random_backbone=True, device=device).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01, fused=True)
+    images, masks = random_batch(batch_size, config.image_size, device, torch.Generator().manual_seed(0), False)
+    text = model.text([PROMPTS[i % len(PROMPTS)] for i in range(batch_size)])
+    x = (images - model.pixel_mean) / model.pixel_std
+
+    def stage(run_forward) -> dict[str, float]:
+        outputs = run_forward()
+        cotangents = [torch.randn_like(o) for o in outputs]
+
+        def forward_only() -> None:
+            with autocast(device, dtype):
+                run_forward()
+
+        def forward_backward() -> None:
+            with autocast(device, dtype):
+                outs = run_forward()
+            torch.autograd.backward([o.float() for o in outs], cotangents)
+
+        forward_ms = _timed(forward_only, repeats) * 1000
+        total_ms = _timed(forward_backward, repeats) * 1000
+        model.zero_grad(set_to_none=True)
+        return {"forward_ms": round(forward_ms, 1), "backward_ms": round(total_ms - forward_ms, 1)}
+
+    stages: dict[str, dict[str, float]] = {}
+    with torch.no_grad(), autocast(device, dtype):
+        features = model.encode(images, text)
+    if model.semantic is not None:
+        stages["semantic stream (frozen ViT + TCA + FPN)"] = stage(lambda: model.semantic(x, text))
+    if model.frequency is not None:
+        stages["frequency stream (Haar + ConvNeXt)"] = stage(lambda: model.frequency(x))
+    leaves = type(features)(*(None if f is None or isinstance(f, Tensor) else tuple(m.float().requires_grad_()
+                                                                                   for m in f)
+                              for f in features[:2]), features.condition)
+    stages["FFBI + decoders + fusion head"] = stage(lambda: [o for o in model.decode(leaves)[:3] if o is not None])
+
+    def optimizer_step() -> None:
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+
+    stages["AdamW step"] = {"forward_ms": 0.0, "backward_ms": 0.0,
+                            "step_ms": round(_timed(optimizer_step, repeats) * 1000, 1)}
+    optimizer.zero_grad(set_to_none=True)
+
+    def training_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            output = model(images, text)
+        segmentation_loss(output, masks, config.bce_weight, config.semantic_aux_weight,
+                          config.frequency_aux_weight).total.backward()
+        optimizer.step()
+
+    step_ms = _timed(training_step, repeats) * 1000
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        training_step()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top_ops]
+    total_us = sum(e.self_cpu_time_total for e in prof.key_averages())
+    return {"preset": preset, "variant": variant, "dtype": dtype, "batch_size": batch_size,
+            "device": device_name(device), "threads": torch.get_num_threads(), "step_ms": round(step_ms, 1),
+            "stages": stages,
+            "top_ops": [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1000, 1),
+                         "share": round(e.self_cpu_time_total / total_us, 3), "calls": e.count} for e in ops]}
+
+
+def print_breakdown(report: dict[str, Any]) -> None:
+    print(f"one training step, {report['preset']}/{report['variant']}, batch {report['batch_size']}, {report['dtype']},"
+          f" {report['device']}: {report['step_ms']:.0f} ms")
+    for name, row in report["stages"].items():
+        extra = f"  step {row['step_ms']:7.1f} ms" if "step_ms" in row else ""
+        print(f"  {name:44s} forward {row['forward_ms']:7.1f} ms  backward {row['backward_ms']:7.1f} ms{extra}")
+    print("  most expensive ops (self time, one profiled step):")
+    for op in report["top_ops"]:
+        print(f"    {op['op']:40s} {op['self_ms']:8.1f} ms  {op['share']:6.1%}  ({op['calls']} calls)")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=("mini", "full"), default="mini")
@@ -111,8 +216,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (compilation is warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--breakdown", action="store_true", help="time each stage alone and list the top ops (CPU)")
     parser.add_argument("--json", type=Path, help="also write the report to this JSON file")
     args = parser.parse_args(argv)
+    if args.breakdown:
+        report = breakdown(args.preset, args.variant, args.dtype, args.batch_size, repeats=args.steps)
+        print_breakdown(report)
+        if args.json:
+            write_json(args.json, report)
+        return report
     result = run(args.preset, args.variant, args.device, args.dtype, args.batch_size, args.channels_last,
                  args.compile, args.warmup, args.steps)
     print(f"FreqMedCLIP-{result['preset']} ({result['variant']}) training on {result['device']}, {result['dtype']}, "

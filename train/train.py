@@ -17,8 +17,9 @@ Notable choices:
 * The text tower is frozen; the model caches each prompt's features (encoded alone, in fp32, so they never
   depend on batch composition) and every prompt is encoded once before training starts.
 * Validation: Dice of the thresholded fused mask per record (both empty = 1, as ``freqmedclip.evaluation.metrics``),
-  averaged per dataset; model selection and early stopping use the mean over datasets. Under DDP each rank
-  takes a strided, unpadded share of the val set and the sums are all-reduced: no record counts twice.
+  averaged per dataset; model selection and early stopping use the mean over datasets. Records are grouped by
+  image, so each image's prompt-independent features are computed once (``ImageGroups``). Under DDP each rank
+  takes a strided, unpadded share of the images and the sums are all-reduced: no record counts twice.
 * A non-finite loss skips its optimizer step on every rank; ``--nonfinite-patience`` consecutive ones stop
   the run and leave the last good checkpoint untouched.
 """
@@ -31,7 +32,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ import yaml
 from safetensors.torch import load_file
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from freqmedclip.modeling.backbone import ClipBackbone
@@ -187,18 +188,50 @@ def resume(directory: Path, args: argparse.Namespace, model: FreqMedCLIP, optimi
 
 
 # ------------------------------------------------------------------------------------------------------- report
+class ImageGroups(Dataset):
+    """Validation records grouped by image: one item holds every prompt asked of one image.
+
+    The model sees the image once, expanded over its prompts (stride 0), so the prompt-independent work (the whole
+    frequency stream and the ViT blocks before the first adapter) runs once per image instead of once per record,
+    exactly as ``Predictor`` does. Item: {"image": (3, S, S), "mask": (k, 1, S, S), "prompt": k strings,
+    "dataset": k names}.
+    """
+
+    def __init__(self, dataset: SegmentationDataset, groups: Sequence[Sequence[int]]) -> None:
+        self.dataset, self.groups = dataset, [list(g) for g in groups]
+
+    @classmethod
+    def of(cls, dataset: SegmentationDataset, rank: int = 0, world: int = 1) -> ImageGroups:
+        """This rank's strided share of the images (every record exactly once over all ranks, none padded)."""
+        by_image: dict[str, list[int]] = {}
+        for index, record in enumerate(dataset.records):
+            by_image.setdefault(record.image, []).append(index)
+        return cls(dataset, list(by_image.values())[rank::world])
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        items = [self.dataset[i] for i in self.groups[index]]
+        return {"image": items[0]["image"], "mask": torch.stack([item["mask"] for item in items]),
+                "prompt": [item["prompt"] for item in items], "dataset": [item["dataset"] for item in items]}
+
+
 @torch.no_grad()
-def evaluate(model: FreqMedCLIP, loader: DataLoader, names: list[str], device: torch.device, amp: str) -> dict:
+def evaluate(model: FreqMedCLIP, groups: DataLoader, names: list[str], device: torch.device, amp: str) -> dict:
     """Validation, sums all-reduced over ranks: mean Dice of the thresholded fused mask (logit > 0) over the
     records whose target is present, per dataset (what selects ``best/``), and the share of absent-target records
-    predicted (nearly) empty, under 1 % of the image (reported; an empty prediction must not score as Dice 1)."""
+    predicted (nearly) empty, under 1 % of the image (reported; an empty prediction must not score as Dice 1).
+
+    ``groups`` yields :class:`ImageGroups` items (one image and all its prompts per item)."""
     model.eval()
     sums = torch.zeros(len(names), 4, dtype=torch.float64)  # (datasets, [Dice sum, positives, empty, negatives])
-    for batch in loader:
+    for group in groups:
+        image = group["image"].to(device)[None].expand(len(group["prompt"]), -1, -1, -1)  # (k, 3, S, S), shared
         with autocast(device, amp):
-            logits = model(batch["image"].to(device), batch["prompt"]).logits       # (B, 1, 224, 224)
-        for pred, gt, name in zip((logits > 0)[:, 0].cpu().numpy(), batch["mask"][:, 0].numpy() > 0.5,
-                                  batch["dataset"]):
+            logits = model(image, group["prompt"]).logits                                   # (k, 1, S, S)
+        for pred, gt, name in zip((logits > 0)[:, 0].cpu().numpy(), group["mask"][:, 0].numpy() > 0.5,
+                                  group["dataset"]):
             row = [dice(pred, gt), 1.0, 0.0, 0.0] if gt.any() else [0.0, 0.0, float(pred.mean() < 0.01), 1.0]
             sums[names.index(name)] += torch.tensor(row, dtype=torch.float64)
     sums = distributed.all_reduce_sum(sums.to(device)).cpu()
@@ -341,7 +374,7 @@ def set_up(args: argparse.Namespace, command: list[str], rank: int, world: int, 
                          "them with `hf download timm/convnext_tiny.in12k_ft_in1k model.safetensors`, pass "
                          "--frequency-weights FILE, or --frequency-weights none to train it from scratch")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)  # one kernel, not a loop
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.t_max)
     amp = precision.resolve(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
@@ -354,8 +387,7 @@ def set_up(args: argparse.Namespace, command: list[str], rank: int, world: int, 
         if args.balanced else DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
     loader = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
-    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.batch_size,
-                            num_workers=args.workers)  # strided, unpadded: every record exactly once overall
+    val_loader = DataLoader(ImageGroups.of(val_set, rank, world), batch_size=None, num_workers=args.workers)
     prompts = sorted({p for r in train_set.records + val_set.records for p in r.prompts})
     with torch.no_grad():
         for prompt in prompts:

@@ -18,6 +18,9 @@ Notable choices:
   (12 channels for RGB). LL is halved so that it is the local mean, on the scale of the image itself.
 * A 1x1 stride-1 stem keeps the 112x112 sub-band grid, so the ConvNeXt stages give F_stem at 112 (stem and
   stage 0), F1 at 56, F2 at 28 and F3 at 14. Channel counts come from ``feature_info``.
+* The DWT and that 1x1 stem are both linear, so ``FrequencyEncoder`` runs them as one 2x2 stride-2 convolution on
+  the pixels whose kernel is composed from the stem's weights at every call (:func:`haar_stem_kernel`): the same
+  function and the same parameters, without the 12-channel sub-band tensor and its band-major copy.
 """
 
 from __future__ import annotations
@@ -63,6 +66,22 @@ def subband_input(image: Tensor) -> Tensor:
     return (bands * scale).transpose(1, 2).flatten(1, 2)                             # (B, 4C, h, w)
 
 
+def haar_stem_kernel(stem_weight: Tensor, image_channels: int) -> Tensor:
+    """The 1x1 stem over :func:`subband_input` as one 2x2 stride-2 kernel on the pixels (exact: both are linear).
+
+    Args:
+        stem_weight: (C_out, 4 * image_channels, 1, 1), band-major input channels like ``subband_input``.
+    Returns:
+        (C_out, image_channels, 2, 2): ``conv2d(image, kernel, stride=2) == conv2d(subband_input(image), stem_weight)``.
+    """
+    out_channels = stem_weight.shape[0]
+    scale = stem_weight.new_tensor([0.5, 1.0, 1.0, 1.0]).view(4, 1, 1)                 # LL halved
+    bands = HAAR_KERNELS.to(stem_weight) * scale                                        # (4, 2, 2)
+    weight = stem_weight.reshape(out_channels, 4, image_channels, 1, 1)                 # (C_out, band, C, 1, 1)
+    # A broadcast product and a sum, not einsum: autocast would run a matmul in bf16 and round the kernel.
+    return (weight * bands[None, :, None]).sum(1)                                       # (C_out, C, 2, 2)
+
+
 class FrequencyEncoder(nn.Module):
     """Haar DWT + ConvNeXt (Eq. 8-9): image (B, 3, 224, 224) -> F_stem, F1, F2, F3 at 112, 56, 28, 14."""
 
@@ -72,12 +91,20 @@ class FrequencyEncoder(nn.Module):
         self.channels = tuple(info["num_chs"] for info in convnext.feature_info)   # (C_s, C'1, C'2, C'3)
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        x = self.convnext.stem(subband_input(image))                               # (B, C_s, 112, 112)
+        x = self.stem(image)                                                       # (B, C_s, 112, 112)  Eq. 8
         f_stem = self.convnext.stages[0](x)                                        # (B, C_s, 112, 112)
         f1 = self.convnext.stages[1](f_stem)                                       # (B, C'1, 56, 56)
         f2 = self.convnext.stages[2](f1)                                           # (B, C'2, 28, 28)
         f3 = self.convnext.stages[3](f2)                                           # (B, C'3, 14, 14)
         return f_stem, f1, f2, f3
+
+    def stem(self, image: Tensor) -> Tensor:
+        """ConvNeXt stem on the Haar sub-bands, ``stem(subband_input(image))``: (B, C, 224, 224) -> (B, C_s, 112, 112)."""
+        conv, *rest = self.convnext.stem
+        x = F.conv2d(image, haar_stem_kernel(conv.weight, image.shape[1]), conv.bias, stride=2)
+        for layer in rest:
+            x = layer(x)
+        return x
 
 
 def _conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
