@@ -241,3 +241,51 @@ def test_bad_mask_skips_only_its_row(folder):
     assert ("custom_b", f"{folder / 'masks' / 'f.png'}: mask size 40x40 != image size 64x64") in skipped
     again, _ = import_folder(folder / "images", folder / "masks", folder / "prompts.csv", folder / "out")
     assert [(r.sample_id, r.structure) for r in again] == [(r.sample_id, r.structure) for r in records]
+
+
+def _split_folder(tmp_path, splits: dict[str, str]) -> tuple:
+    """Six images of three subjects (S1: a, b; S2: c, d; S3: e, f) and a prompts.csv with a split column."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(1)
+    rows = []
+    for name, subject in zip("abcdef", ["S1", "S1", "S2", "S2", "S3", "S3"]):
+        Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(images / f"{name}.png")
+        Image.fromarray(_disc(48, 48).astype(np.uint8) * 255).save(masks / f"{name}.png")
+        rows.append({"image": f"{name}.png", "structure": "lesion", "prompt": "lesion", "subject_id": subject,
+                     "mask": f"{name}.png", "split": splits.get(name, "")})
+    _csv(tmp_path / "prompts.csv", rows, ("image", "structure", "prompt", "subject_id", "mask", "split"))
+    return images, masks, tmp_path / "prompts.csv"
+
+
+def test_split_column_keeps_the_official_split(tmp_path):
+    # With three subjects the 70/20/10 draw puts two in train; the given split puts two in test.
+    official = {"a": "test", "b": "test", "c": "val", "d": "val", "e": "test", "f": "test"}
+    images, masks, prompts = _split_folder(tmp_path, official)
+    records, skipped = import_folder(images, masks, prompts, tmp_path / "out", dataset="mine")
+    assert skipped == []
+    assert {r.sample_id: r.split for r in records} == {f"mine_{k}": v for k, v in official.items()}
+    splits = json.loads((tmp_path / "out" / "splits.json").read_text())
+    assert splits == {"test": ["S1", "S3"], "val": ["S2"]}
+    summary = json.loads((tmp_path / "out" / "conversion_mine.json").read_text())
+    assert summary["samples"] == {"test": 4, "val": 2}
+    assert "splits taken from the split column of prompts.csv" in summary["notes"]
+
+
+def test_split_column_with_a_bad_value_stops_with_its_line(tmp_path):
+    images, masks, prompts = _split_folder(tmp_path, {"a": "train", "b": "train", "c": "validation", "d": "val",
+                                                      "e": "test", "f": ""})
+    with pytest.raises(SystemExit) as info:
+        import_folder(images, masks, prompts, tmp_path / "out", dataset="mine")
+    message = str(info.value)
+    assert "split must be one of train, val, test" in message
+    assert "line 4: 'validation'" in message and "line 7: ''" in message
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+def test_split_column_must_agree_within_a_subject(tmp_path):
+    images, masks, prompts = _split_folder(tmp_path, {"a": "train", "b": "test", "c": "val", "d": "val",
+                                                      "e": "test", "f": "test"})
+    with pytest.raises(SystemExit, match=r"same split; 1 do not \(S1: test, train\)"):
+        import_folder(images, masks, prompts, tmp_path / "out", dataset="mine")

@@ -81,7 +81,7 @@ CAPTION_P = 0.5
 CONTEXT_LENGTH = 77
 MAX_LOGIT_SCALE = math.log(100.0)   # open_clip clamps the learnable temperature at 100
 TEXT_POOLER = "mean_pooler"           # open_clip's name; see the module docstring
-DOMAIN_PROMPTS = {"MRI": "brain MRI", "MG": "mammogram", "CT": "lung CT"}   # by StructureRecord.modality
+DOMAIN_PROMPTS = {"MRI": "brain MRI", "MG": "mammogram", "CT": "lung CT", "US": "breast ultrasound"}  # by record modality
 LIGHT_AUGMENT = Augment(hflip=0.5, vflip=0.0, rotate_deg=10.0, scale=(0.9, 1.1), translate=0.04,
                         brightness=0.05, contrast=0.1, gamma=(0.9, 1.1), noise_std=0.01)
 # What create_clip_model writes before the first state file: a run interrupted then may simply be restarted.

@@ -26,7 +26,7 @@ import tempfile
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,8 @@ class StructureRecord:
 
     ``mask is None`` means the structure is absent from the image (a negative prompt, empty target).
     ``spacing_mm`` is (row, col) spacing of the *stored* image; ``original_size`` is (H, W) of the
-    source region before resizing.
+    source region before resizing. ``metadata`` holds free per-image facts for captions and per-group
+    results (e.g. pathology, scanner, nodule size, ``spacing_assumed``); older manifests without it read as {}.
     """
 
     sample_id: str
@@ -59,6 +60,7 @@ class StructureRecord:
     source: str
     split: str = ""
     caption: str = ""
+    metadata: dict = field(default_factory=dict)
 
     @property
     def positive(self) -> bool:
@@ -74,6 +76,7 @@ class StructureRecord:
         row["prompts"] = list(row["prompts"])
         row["spacing_mm"] = tuple(float(s) for s in row["spacing_mm"])
         row["original_size"] = tuple(int(s) for s in row["original_size"])
+        row["metadata"] = dict(row.get("metadata") or {})
         return cls(**row)
 
 

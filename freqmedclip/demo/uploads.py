@@ -38,7 +38,7 @@ AUTO_WINDOW = "auto"          # the DICOM file's own window (CT without one: ful
 FULL_RANGE = "full range"     # min-max of the slice
 WINDOW_CHOICES = (AUTO_WINDOW, *WINDOW_PRESETS, FULL_RANGE)
 AXIS_NAMES = ("sagittal (axis 0)", "coronal (axis 1)", "axial (axis 2)")
-DICOM_MODALITIES = {"CT": "CT", "MR": "MRI", "MG": "MG"}
+DICOM_MODALITIES = {"CT": "CT", "MR": "MRI", "MG": "MG", "US": "US"}
 HU_THRESHOLD = -500.0         # a NIfTI volume reaching below this is taken as CT in Hounsfield units
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -90,7 +90,7 @@ class LoadedImage:
     array: np.ndarray
     display: np.ndarray
     kind: str                                        # png | jpeg | tiff | dicom | nifti | image
-    modality: str = "auto"                           # auto | MRI | CT | MG (preprocess.MODALITIES)
+    modality: str = "auto"                           # auto | MRI | CT | MG | US (preprocess.MODALITIES)
     window: tuple[float, float] | None = None        # CT (level, width) in HU, None = no window
     spacing_mm: tuple[float, float] | None = None    # (row, col) of ``array``
     geometry: Geometry | None = None
@@ -147,7 +147,7 @@ def load_upload(path: str | Path, *, modality: str = "auto", window: str = AUTO_
 
     Args:
         modality: "auto" (from the file: DICOM's Modality tag; NIfTI: CT if below -500, else MRI; pictures:
-            the 8-bit / min-max display convention the model was trained with) or MRI / CT / MG.
+            the 8-bit / min-max display convention the model was trained with) or MRI / CT / MG / US.
         window: one of ``WINDOW_CHOICES`` (CT only).
         slice_index: NIfTI slice / DICOM frame (default: the middle one).
         axis: NIfTI axis to slice along (0, 1 or 2).

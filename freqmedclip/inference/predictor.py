@@ -72,7 +72,9 @@ class Predictor:
 
     def prepare(self, image: np.ndarray | Image.Image, modality: str = "auto",
                 window: str | tuple[float, float] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Validate, normalise and resize: returns ((1, 3, 224, 224) in [0, 1], original (H, W))."""
+        """Validate, normalise and resize: returns ((1, 3, 224, 224) in [0, 1], original (H, W)).
+
+        ``modality`` is one of ``preprocess.MODALITIES`` (auto, MRI, CT, MG, US)."""
         if isinstance(image, Image.Image):
             image = np.asarray(image.convert("RGB") if image.mode in ("P", "LA", "CMYK", "YCbCr") else image)
         array = validate_image(image, self.max_pixels)

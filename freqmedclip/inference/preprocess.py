@@ -5,6 +5,9 @@ Modalities (the same conventions as the dataset converters):
 * ``"MRI"``: z-score within the foreground (non-zero pixels), clipped to [-3, 3], mapped to [0, 1].
 * ``"CT"``: a Hounsfield window (a preset name or ``(level, width)``) when given, min-max otherwise.
 * ``"MG"`` (mammography): clipped to the 0.5-99.5 percentiles, then min-max (as the CBIS-DDSM converter).
+* ``"US"`` (ultrasound): the same percentile clip then min-max (as the BUS-BRA converter in
+  ``freqmedclip.data.public.breast``): B-mode speckle has no physical unit, and the clip keeps burned-in
+  white scanner text and caliper marks from setting the maximum.
 * ``"auto"``: images that are already display images (8-bit: / 255; 16-bit and float: min-max).
 
 Bad input raises :class:`InputError` with a message that names the problem.
@@ -25,7 +28,8 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {    # (level, width) in HU
     "bone": (400.0, 1800.0),
     "brain": (40.0, 80.0),
 }
-MODALITIES = ("auto", "MRI", "CT", "MG")
+MODALITIES = ("auto", "MRI", "CT", "MG", "US")
+PERCENTILE_CLIP = (0.5, 99.5)    # MG and US: robust range before min-max
 
 
 class InputError(ValueError):
@@ -82,8 +86,8 @@ def normalize(image: np.ndarray, modality: str = "auto", window: str | tuple[flo
             window = WINDOW_PRESETS[window]
         level, width = window
         return np.clip((x - (level - width / 2)) / width, 0.0, 1.0)
-    if modality == "MG":
-        low, high = np.percentile(x, [0.5, 99.5])
+    if modality in ("MG", "US"):
+        low, high = np.percentile(x, PERCENTILE_CLIP)
         return _min_max(np.clip(x, low, high))
     if modality == "auto" and image.dtype == np.uint8:
         return x / 255.0

@@ -6,7 +6,9 @@
 prompts.csv columns: ``image`` (file name in --images), ``structure``, ``prompt`` (phrasings
 separated by '|', the first one is used for evaluation), optional ``subject_id`` (default: the
 image name; splits are made on it), optional ``mask`` (file name in --masks; empty = structure
-absent). Without a ``mask`` column, masks are found by name in --masks: ``<stem>__<structure>.*``,
+absent), optional ``split`` (train, val or test: keeps an official split; every row needs one and all
+rows of one subject must agree, otherwise the import stops with a message naming the rows).
+Without a ``mask`` column, masks are found by name in --masks: ``<stem>__<structure>.*``,
 ``<stem>_<structure>.*``, then ``<stem>.*``; rows with no match become negatives and are listed.
 
 It runs on the converters' shared runner (:mod:`freqmedclip.data.converters.runner`): one case is one image
@@ -24,6 +26,8 @@ Notable choices:
 - Bad inputs never stop the import: an unreadable image skips its rows, a missing, unreadable,
   non-binary or wrongly sized mask skips its row, each with a message naming the file.
 - Importing into a root that already has a manifest keeps the other datasets' records and splits.
+- With a ``split`` column the given split replaces the 70/20/10 draw (``--fractions`` and ``--seed`` are
+  then unused for this dataset); it is checked before anything is converted.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from freqmedclip.data.converters.runner import (
     stored_spacing,
     to_uint8,
 )
-from freqmedclip.data.format import StructureRecord, read_manifest, write_sample
+from freqmedclip.data.format import SPLITS, StructureRecord, read_manifest, write_sample
 
 VERSION = "folder-1"
 SIZE = 224
@@ -135,7 +139,9 @@ def find_mask(masks_dir: Path, image_name: str, structure: str) -> Path | None:
 
 
 def read_prompts(path: Path) -> tuple[list[dict], bool]:
-    """Rows of prompts.csv (stripped strings) and whether it has a ``mask`` column."""
+    """Rows of prompts.csv (stripped strings) and whether it has a ``mask`` column.
+
+    Raises SystemExit naming the problem for missing columns or an invalid ``split`` column."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = {c.strip() for c in reader.fieldnames or []}
@@ -143,7 +149,37 @@ def read_prompts(path: Path) -> tuple[list[dict], bool]:
         if missing:
             raise SystemExit(f"{path}: missing column(s) {sorted(missing)}; found {sorted(columns)}")
         rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    if "split" in columns:
+        check_splits(path, rows)
     return rows, "mask" in columns
+
+
+def subject_of(row: dict) -> str:
+    """Subject id of a prompts.csv row (default: the image name without extension)."""
+    return row.get("subject_id") or Path(row["image"]).stem
+
+
+def check_splits(path: Path, rows: list[dict]) -> None:
+    """SystemExit naming the rows when a ``split`` value is not train/val/test or a subject's rows disagree."""
+    bad = [f"line {i}: {row.get('split')!r}" for i, row in enumerate(rows, start=2) if row.get("split") not in SPLITS]
+    if bad:
+        shown = "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise SystemExit(f"{path}: column split must be one of {', '.join(SPLITS)} on every row; got {shown}")
+    by_subject: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        by_subject[subject_of(row)].add(row["split"])
+    mixed = {subject: sorted(splits) for subject, splits in sorted(by_subject.items()) if len(splits) > 1}
+    if mixed:
+        shown = "; ".join(f"{subject}: {', '.join(splits)}" for subject, splits in list(mixed.items())[:5])
+        raise SystemExit(f"{path}: all rows of one subject must have the same split; {len(mixed)} do not ({shown})")
+
+
+def given_splits(prompts: Path) -> dict[str, str] | None:
+    """{subject: split} from prompts.csv's ``split`` column, or None without one."""
+    rows, _ = read_prompts(prompts)
+    if not rows or "split" not in rows[0]:
+        return None
+    return {subject_of(row): row["split"] for row in rows}
 
 
 def _stamp(path: Path | None) -> list[int] | None:
@@ -187,7 +223,8 @@ def find_cases(images: Path, masks: Path, prompts: Path, dataset: str) -> tuple[
                 {
                     "structure": row["structure"],
                     "prompt": row["prompt"],
-                    "subject_id": row.get("subject_id") or Path(image_name).stem,
+                    "subject_id": subject_of(row),
+                    "split": row.get("split", ""),
                     "mask": None if mask_path is None else str(mask_path),
                     "mask_stamp": _stamp(mask_path),
                 }
@@ -285,6 +322,14 @@ def convert_folder(
 ) -> dict:
     """Import the folder with the shared runner; returns the summary (see convert.run_conversion)."""
     cases, notes = find_cases(images, masks, prompts, options.dataset)
+    split_of = given_splits(prompts)
+    if split_of is not None:
+        notes.append("splits taken from the split column of prompts.csv")
+
+    def keep_given(records: list[StructureRecord]) -> None:
+        for r in records:
+            r.split = split_of[r.subject_id]
+
     return run_conversion(
         dataset=options.dataset,
         out=out,
@@ -296,6 +341,7 @@ def convert_folder(
         workers=workers,
         seed=seed,
         fractions=fractions,
+        assign=keep_given if split_of is not None else None,
         notes=notes,
         unit="file",
     )
@@ -326,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--images", type=Path, required=True, help="folder of the images named in prompts.csv")
     parser.add_argument("--masks", type=Path, required=True, help="folder of the masks")
     parser.add_argument(
-        "--prompts", type=Path, required=True, help="CSV: image, structure, prompt[, subject_id][, mask]"
+        "--prompts", type=Path, required=True, help="CSV: image, structure, prompt[, subject_id][, mask][, split]"
     )
     parser.add_argument("--modality", default="unknown", help="free text, e.g. MRI, CT, MG, US")
     parser.add_argument(

@@ -200,12 +200,13 @@ def parse_converter_args(parser: argparse.ArgumentParser, argv: Sequence[str] | 
     return args
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``data`` (str as UTF-8) to a temp file next to ``path``, then move it into place: never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -338,7 +339,7 @@ def run_conversion(
                 marker = state_dir / f"{safe_name(res.key)}.json"
                 records = [asdict(r) for r in res.records]
                 state = {"key": res.key, "fingerprint": fps[res.key], "notes": res.notes, "records": records}
-                _atomic_write_text(marker, json.dumps(state) + "\n")
+                atomic_write(marker, json.dumps(state) + "\n")
             results[res.key] = res
         bar.update(1)
 
@@ -365,7 +366,7 @@ def run_conversion(
 
     n_cases = len(cases) + len(skipped)
     summary = _summary(dataset, out, unit, n_cases, results, records, errors, list(notes), resumed, time.time() - start)
-    _atomic_write_text(out / f"conversion_{safe_name(dataset)}.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write(out / f"conversion_{safe_name(dataset)}.json", json.dumps(summary, indent=1) + "\n")
     print(format_summary(summary))
     return summary
 
