@@ -270,7 +270,8 @@ def test_full_update_fills_every_panel(session):
     assert 0.0 <= bench.text_reliance <= 1.0
     # the workbench's batched forward equals one prompt at a time
     alone = session.predictor.predict_tensor(session.prepare(loaded), ["tumour core"])["probability"][0, 0]
-    np.testing.assert_allclose(bench.probabilities[1], alone.numpy(), atol=1e-4)
+    # batched vs single-row fp32 kernels: |dp| <= FP32_LOGIT_REL * max|z| / 4 <= 4.3e-4 (tests/_tolerances.py)
+    np.testing.assert_allclose(bench.probabilities[1], alone.numpy(), atol=4.3e-4)
 
 
 def test_ablation_switches_change_the_mask_and_report_it(session):

@@ -7,6 +7,7 @@ implementation), never by calling the code under test.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -557,3 +558,96 @@ def test_end_to_end_case_metrics_to_tables():
     assert by_method["bad"]["hausdorff_mean"] == pytest.approx(10 * math.sqrt(2))
     assert parse(S.boundary_table(summary))[1:] == [["good", "**1.00**", "**1.000**", "0/6"],
                                                     ["bad", "14.14", "0.500", "3/6"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# MONAI as an independent oracle (test-only dependency): same numbers where our conventions agree,
+# the differences shown with both values where they differ on purpose (README "Metric conventions")
+# ---------------------------------------------------------------------------------------------
+
+def _monai(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, float], tolerance: float,
+           **nsd_options) -> dict[str, float]:
+    import torch
+    from monai.metrics import (compute_average_surface_distance, compute_hausdorff_distance,
+                               compute_surface_dice)
+
+    p, g = (torch.from_numpy(m[None, None]).float() for m in (pred, gt))   # (batch, class, H, W), one class
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # MONAI warns on empty masks (the case below that shows nan / inf)
+        return {
+            "hausdorff": compute_hausdorff_distance(p, g, include_background=True, spacing=spacing).item(),
+            "hd95": compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=spacing).item(),
+            "assd": compute_average_surface_distance(p, g, include_background=True, symmetric=True,
+                                                     spacing=spacing).item(),
+            "nsd": compute_surface_dice(p, g, [tolerance], include_background=True, spacing=spacing,
+                                        **nsd_options).item(),
+        }
+
+
+# MONAI returns float32 (relative round-off 2^-24 on distances computed in float64): rel=1e-6 is 16 ulps.
+MONAI_REL = 1e-6
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_distance_metrics_match_monai_on_random_masks_with_anisotropic_spacing(seed):
+    pytest.importorskip("monai")
+    rng = np.random.default_rng(500 + seed)
+    shape = (int(rng.integers(6, 25)), int(rng.integers(6, 25)))
+    spacing = (float(rng.uniform(0.3, 2.5)), float(rng.uniform(0.3, 2.5)))
+    assert abs(spacing[0] - spacing[1]) > 1e-3                    # anisotropic, so a swapped axis would show
+    pred, gt = random_mask(rng, shape), random_mask(rng, shape)
+    tolerance = float(rng.uniform(0.1, 4.0))                       # off the pixel-distance lattice (see above)
+    ours, theirs = M.case_metrics(pred, gt, spacing, tolerance_mm=tolerance), _monai(pred, gt, spacing, tolerance)
+    for name in ("hausdorff", "hd95", "assd", "nsd"):
+        assert ours[name] == pytest.approx(theirs[name], rel=MONAI_REL, abs=1e-6), name
+
+
+def test_monai_agrees_on_the_hand_computed_fixtures():
+    # shifted squares (golden values above): HD = HD95 = 1, ASSD = 0.5 at 1 mm; anisotropic: golden 4.0 / 128/76
+    for pred, spacing, golden in ((square(top=11), (1.0, 1.0), {"hausdorff": 1.0, "hd95": 1.0, "assd": 0.5}),
+                                  (square(left=12), (0.5, 2.0), {"hausdorff": 4.0, "hd95": 4.0, "assd": 128 / 76})):
+        theirs = _monai(pred, square(), spacing, 2.0)
+        for name, value in golden.items():
+            assert theirs[name] == pytest.approx(value, rel=MONAI_REL), name
+            assert M.case_metrics(pred, square(), spacing)[name] == pytest.approx(value)
+
+
+def test_hd95_convention_is_monais_directed_maximum_not_the_pooled_percentile():
+    # The far-blob pair of test_hd95_is_max_of_directed_percentiles_not_pooled: MONAI's percentile=95 takes
+    # the max of the two directed 95th percentiles like ours (11.85 mm); the pooled 95th percentile of medpy /
+    # seg-metrics would be 0.55 mm and hide the blob.
+    gt = square((60, 60))
+    pred = gt.copy()
+    pred[18:21, 40:43] = True
+    theirs = _monai(pred, gt, (1.0, 1.0), 2.0)
+    assert theirs["hd95"] == pytest.approx(11.85, rel=MONAI_REL) == M.hd95(pred, gt, (1.0, 1.0))
+    d_pg, d_gp = M.surface_distances(pred, gt, (1.0, 1.0))
+    assert np.percentile(np.concatenate([d_pg, d_gp]), 95) == pytest.approx(0.55) != theirs["hd95"]
+
+
+def test_empty_mask_convention_differs_from_monai():
+    # MONAI: nan when the reference is empty (HD, HD95, NSD), inf ASSD; ours: finite by design (module docstring):
+    # both empty -> distances 0, NSD 1; one empty -> the image diagonal, NSD 0.
+    shape, spacing = (12, 9), (0.8, 1.7)
+    empty, some = np.zeros(shape, bool), square(shape, top=2, left=2, size=4)
+    worst = M.worst_case_distance(shape, spacing)
+    assert worst == pytest.approx(math.hypot(12 * 0.8, 9 * 1.7))
+    both = _monai(empty, empty, spacing, 2.0)
+    assert all(math.isnan(both[name]) for name in ("hausdorff", "hd95", "nsd")), both
+    ours = M.case_metrics(empty, empty, spacing)
+    assert (ours["hausdorff"], ours["hd95"], ours["assd"], ours["nsd"]) == (0.0, 0.0, 0.0, 1.0)
+    missed = _monai(empty, some, spacing, 2.0)              # prediction empty, reference not
+    assert math.isinf(missed["hausdorff"]) and math.isinf(missed["assd"]) and missed["nsd"] == 0.0, missed
+    ours = M.case_metrics(empty, some, spacing)
+    assert (ours["hausdorff"], ours["hd95"], ours["assd"], ours["nsd"]) == (worst, worst, worst, 0.0)
+
+
+def test_nsd_counts_boundary_pixels_not_monais_subvoxel_surface_lengths():
+    # Ours = MONAI's default (use_subvoxels=False): the fraction of boundary PIXELS within tolerance, 0.5 here.
+    # MONAI use_subvoxels=True weighs each surface element by its length at the given spacing, so the long
+    # (1.3 mm) and short (0.7 mm) sides count differently: 0.6292 on the same pair.
+    pred, gt, spacing = square(left=12), square(), (0.7, 1.3)
+    assert M.nsd(pred, gt, spacing, tolerance_mm=1.0) == pytest.approx(0.5)
+    assert _monai(pred, gt, spacing, 1.0)["nsd"] == pytest.approx(0.5, rel=MONAI_REL)
+    subvoxel = _monai(pred, gt, spacing, 1.0, use_subvoxels=True)["nsd"]
+    assert subvoxel == pytest.approx(0.6292, abs=1e-4) and abs(subvoxel - 0.5) > 0.1

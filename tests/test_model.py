@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from _tolerances import FP32_LOGIT_REL
 
 from freqmedclip.modeling.config import VARIANTS, FreqMedCLIPConfig
 from freqmedclip.modeling.decoder import FiLM, FusionHead
@@ -365,7 +366,8 @@ def test_prompt_sensitivity(mini_backbone):
     # (and the shared frequency features give what an unshared batch of one gives)
     with torch.no_grad():
         alone = model(image[:1], PROMPTS[1:]).logits
-    assert torch.allclose(alone[0], out.logits[1], atol=1e-4)
+    # batched vs single-row fp32 kernels differ by round-off only, relative to the logit scale (tests/_tolerances.py)
+    assert (alone[0] - out.logits[1]).abs().max() <= FP32_LOGIT_REL * out.logits.abs().max()
 
 
 @pytest.mark.parametrize("variant, shared_blocks", [("full", 3), ("no_tca", 12)])
@@ -385,7 +387,7 @@ def test_an_image_shared_by_several_prompts_runs_the_prompt_free_vit_blocks_once
     assert batches == [1] * shared_blocks + [2] * (12 - shared_blocks)
     with torch.no_grad():
         copies = model(image.repeat(2, 1, 1, 1), PROMPTS).logits     # real copies: every block on both rows
-    assert torch.allclose(shared, copies, atol=1e-4)
+    assert (shared - copies).abs().max() <= FP32_LOGIT_REL * copies.abs().max()   # round-off only (different kernels)
 
 
 @pytest.mark.parametrize("variant, used, ignored", [("unet_clip", "embedding", "pooled"),

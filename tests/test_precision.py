@@ -35,6 +35,21 @@ def test_autocast_runs_matmuls_in_the_resolved_dtype(fast_bf16):
         assert (a @ a).dtype == torch.bfloat16
     with precision.autocast("cpu", "fp32"):
         assert (a @ a).dtype == torch.float32
-    fast_bf16(False)
+    fast_bf16(False)   # AVX2 / AVX-512F only: "auto" is fp32
     with precision.autocast("cpu", "auto"):
         assert (a @ a).dtype == torch.float32
+    fast_bf16(True)    # AVX512-BF16 or AMX: "auto" is bf16 (both branches on every machine)
+    with precision.autocast("cpu", "auto"):
+        assert (a @ a).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True),
+                                             ("fpu amx_tile amx_bf16", True), ("fpu avx2", False)])
+def test_the_capability_probe_reads_cpuinfo_flags(monkeypatch, flags, expected):
+    from pathlib import Path
+    monkeypatch.setattr(Path, "read_text", lambda self, *args, **kwargs: f"processor : 0\nflags : {flags}\n")
+    precision.cpu_has_fast_bf16.cache_clear()
+    try:
+        assert precision.cpu_has_fast_bf16() is expected
+    finally:
+        precision.cpu_has_fast_bf16.cache_clear()

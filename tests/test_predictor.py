@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _demo_support import decisive_model
+from _tolerances import BF16_LOGIT_REL, probability_margin
 from PIL import Image
 
-from freqmedclip.evaluation.metrics import dice
 from freqmedclip.inference.predictor import Predictor
 from freqmedclip.inference.preprocess import InputError, normalize
 from freqmedclip.modeling.text import PromptError
@@ -58,20 +58,32 @@ def test_several_prompts_match_single_calls(predictor):
     batch = predictor.predict(image, ["whole tumour", "lung nodule"])
     single = predictor.predict(image, "lung nodule")
     assert [p.prompt for p in batch] == ["whole tumour", "lung nodule"]
-    np.testing.assert_allclose(batch[1].probability, single.probability, atol=1e-4)  # batched kernels differ in rounding
+    # batched and single-row fp32 kernels round differently: |dz| <= FP32_LOGIT_REL (3.1e-5) * max|z| (<= ~55 for
+    # decisive models) and sigmoid's slope <= 1/4, so |dp| <= 4.3e-4 on every CPU (the other prompt differs by ~1)
+    np.testing.assert_allclose(batch[1].probability, single.probability, atol=4.3e-4)
 
 
 def test_bf16_masks_match_fp32(mini_backbone):
+    """Away from the decision boundary the bf16 mask is the fp32 mask, pixel for pixel; pixels whose fp32 logit
+    is within the bf16 round-off bound of 0 (BF16_LOGIT_REL·max|z|, about 8% of them) may go either way, on
+    every CPU differently (native AVX512-BF16/AMX or emulated bf16 kernels)."""
     model = decisive_model(mini_backbone, seed=1)
     fp32, bf16 = Predictor(model, dtype="fp32"), Predictor(model, dtype="bf16")
+    assert (fp32.dtype, bf16.dtype) == ("fp32", "bf16")
     rng = np.random.default_rng(8)
-    scores = []
     for prompt in ("whole tumour", "breast mass", "lung nodule"):
-        image = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+        image = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)   # 224: the maps are the model's own
         reference, fast = fp32.predict(image, prompt), bf16.predict(image, prompt)
-        assert 0.05 < reference.mask.mean() < 0.95  # a decisive, non-trivial mask, so Dice is informative
-        scores.append(dice(fast.mask, reference.mask))
-    assert min(scores) >= 0.99, scores
+        assert 0.05 < reference.mask.mean() < 0.95  # a decisive, non-trivial mask, so the comparison is informative
+        with torch.no_grad():
+            logits = model(fp32.prepare(image)[0], [prompt]).logits[0, 0].numpy()   # fp32, no autocast
+        margin = probability_margin(logits, BF16_LOGIT_REL)
+        away = np.abs(reference.probability - 0.5) > margin
+        assert away.mean() > 0.85 and reference.mask[away].mean() > 0.05
+        np.testing.assert_array_equal(fast.mask[away], reference.mask[away])
+        difference = np.abs(fast.probability - reference.probability)
+        assert difference.max() <= BF16_LOGIT_REL * np.abs(logits).max() / 4   # sigmoid's slope <= 1/4
+        assert difference.max() > 1e-3                               # bf16 really ran: fp32 kernels differ < 1e-4
 
 
 def test_ensemble_averages_members_and_reports_spread(mini_backbone):
