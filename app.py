@@ -24,11 +24,16 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from freqmedclip.demo.session import (  # noqa: E402
+    CAM_METHODS,
     CONTROL_PROMPT,
+    FAST_GRADCAM,
+    LOG,
     MAX_PROMPTS,
+    PANEL_NOTES,
     DemoSession,
     SetupError,
     Workbench,
+    controls_for,
     load_examples,
     load_session,
 )
@@ -41,14 +46,19 @@ BANDS = {"LL": "LL: local mean", "LH": "LH: horizontal edges", "HL": "HL: vertic
 PRIVATE = {"api_visibility": "private"}  # UI events; the one public endpoint is /segment
 
 
-def readable(fn: Callable) -> Callable:
-    """Show bad uploads and prompts as a message in the UI (the server keeps serving)."""
+def readable(fn: Callable, clear: Callable[[str], tuple] | None = None) -> Callable:
+    """Bad uploads and prompts become a message in the UI (the server keeps serving; the log gets one line, no
+    traceback): a Gradio error, or with ``clear`` every output emptied and one message (``clear(message)``) instead
+    of an error badge on each panel over the previous results."""
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except (InputError, PromptError) as error:
-            raise gr.Error(str(error)) from error
+            LOG.warning("%s: %s", fn.__name__, error)
+            if clear is None:
+                raise gr.Error(str(error), print_exception=False) from error
+            return clear(f"### Cannot do that\n{error}")
     return wrapper
 
 
@@ -64,34 +74,57 @@ def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
     """The UI around a session (tests inject one built from small models)."""
     session = session if isinstance(session, DemoSession) else DemoSession(session)
 
-    @readable
-    def load(file: str | None, modality: str, window: str, slice_index: float | None, axis: str) -> tuple:
+    def cleared(message: str = "") -> tuple:
+        """Every output of run() emptied (in run_outputs' order), ``message`` in the verdict: a new upload or an
+        error leaves nothing of the previous image on screen."""
+        return (None, message, "", None, None, None, None, "", "", None, None, None, None, None, None, [], None, None,
+                "", None, "", None, "Click a location on the input image.", None)
+
+    def load_image(file: str | None, modality: str, window: str, slice_index: float | None, axis: str) -> tuple:
         if not file:
-            return None, "", gr.Slider(visible=False), None
+            return None, "", gr.Slider(visible=False), None, gr.update(visible=False), gr.update(visible=False)
         index = None if slice_index is None else int(slice_index)
         loaded = session.load(file, modality, window, index, AXIS_NAMES.index(axis))
         slider = gr.Slider(maximum=max(loaded.n_slices - 1, 1), value=loaded.slice_index, visible=loaded.n_slices > 1)
-        return session.view(loaded), loaded.describe(), slider, loaded
+        show_window, show_axis = controls_for(loaded)
+        return (session.view(loaded), loaded.describe(), slider, loaded, gr.update(visible=show_window),
+                gr.update(visible=show_axis))
 
-    @readable
-    def run(loaded: LoadedImage | None, prompt: str, bench_text: str, control: str, threshold: float,
-            frequency: bool, ffbi: bool, film: bool, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
+    def load(*args: Any) -> tuple:
+        """A new image (or slice, window, axis): the input panels, and every previous result cleared."""
+        try:
+            return (*load_image(*args), *cleared())
+        except (InputError, PromptError) as error:
+            LOG.warning("load: %s", error)
+            return (None, f"**Cannot read this file:** {error}", gr.Slider(visible=False), None,
+                    gr.update(visible=False), gr.update(visible=False), *cleared())
+
+    def run_update(loaded: LoadedImage | None, prompt: str, bench_text: str, control: str, threshold: float,
+                   frequency: bool, ffbi: bool, film: bool, cam_method: str,
+                   progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
         p = session.update(loaded, prompt, threshold=threshold, switches=Switches(frequency, ffbi, film),
-                           workbench_prompts=bench_text, control=control,
+                           workbench_prompts=bench_text, control=control, cam_method=cam_method,
                            progress=lambda fraction, message: progress(fraction, desc=message))
-        return ((p.view, [(p.mask_view.astype("float32"), " ".join(prompt.split()))]), p.verdict, p.probability,
-                p.uncertainty, p.cam_semantic, p.cam_frequency, *(p.subbands[band] for band in BANDS),
-                p.branches.get("semantic"), p.branches.get("frequency"), *bench_outputs(p.workbench),
-                [str(path) for path in p.exports], " · ".join(f"{k} {v:.0f} ms" for k, v in p.timings_ms.items()))
+        return (p.overlay, p.verdict, p.domain_note, p.probability, p.uncertainty, p.cam_semantic, p.cam_frequency,
+                p.cam_notes.get("semantic", ""), p.cam_notes.get("frequency", ""),
+                *(p.subbands[band] for band in BANDS), p.branches.get("semantic"), p.branches.get("frequency"),
+                *bench_outputs(p.workbench), [str(path) for path in p.exports],
+                " · ".join(f"{k} {v:.0f} ms" for k, v in p.timings_ms.items()), None, "Click a location on the "
+                "input image.", None)
 
-    @readable
-    def compare(loaded: LoadedImage | None, bench_text: str, control: str, threshold: float, frequency: bool,
-                ffbi: bool, film: bool) -> tuple:
-        return bench_outputs(session.workbench(loaded, bench_text, control, threshold, Switches(frequency, ffbi, film)))
+    run = readable(run_update, cleared)
 
-    @readable
-    def explore(loaded: LoadedImage | None, prompt: str, evt: gr.SelectData) -> tuple:
+    def compare_prompts(loaded: LoadedImage | None, prompt: str, bench_text: str, control: str, threshold: float,
+                        frequency: bool, ffbi: bool, film: bool) -> tuple:
+        return bench_outputs(session.workbench(loaded, bench_text, control, threshold, Switches(frequency, ffbi, film),
+                                               main_prompt=prompt))
+
+    compare = readable(compare_prompts, lambda message: ([], None, None, message))
+
+    def explore_token(loaded: LoadedImage | None, prompt: str, evt: gr.SelectData) -> tuple:
         return session.explore(loaded, prompt, *evt.index[:2])
+
+    explore = readable(explore_token, lambda message: (None, None, message))
 
     @readable
     def segment(file: str, prompt: str) -> tuple:
@@ -104,6 +137,12 @@ def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
         gr.Markdown("# FreqMedCLIP: text-guided segmentation with a semantic and a frequency stream\n"
                     f"{session.n_members} checkpoint(s). Upload PNG, JPEG, TIFF, DICOM or NIfTI, type what to "
                     "segment, press **Segment**. Click the input image to explore FFBI attention.")
+        gr.Markdown(session.header(), elem_id="training-data")
+        examples = load_examples(EXAMPLES_DIR)
+        example_gallery = gr.Gallery([(path, f"{Path(path).stem.split('_')[0]}: {text}") for path, text in examples],
+                                     label="Examples (click one)", columns=8, fit_columns=False, height=190,
+                                     object_fit="contain", allow_preview=False, interactive=False, format="png",
+                                     elem_id="examples")
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
@@ -113,8 +152,10 @@ def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
                 info = gr.Markdown(elem_id="input-info")
                 with gr.Row():
                     modality = gr.Dropdown(list(MODALITIES), value="auto", label="Modality")
-                    window = gr.Dropdown(list(WINDOW_CHOICES), value=AUTO_WINDOW, label="CT window")
-                axis = gr.Radio(list(AXIS_NAMES), value=AXIS_NAMES[2], label="NIfTI axis")
+                    window = gr.Dropdown(list(WINDOW_CHOICES), value=AUTO_WINDOW, label="CT window", visible=False,
+                                         elem_id="ct-window")
+                axis = gr.Radio(list(AXIS_NAMES), value=AXIS_NAMES[2], label="NIfTI axis", visible=False,
+                                elem_id="nifti-axis")
                 slice_index = gr.Slider(0, 1, step=1, label="Slice / frame", visible=False)
                 prompt = gr.Textbox(label="Prompt", value="whole tumour", elem_id="prompt")
                 threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Mask threshold")
@@ -124,23 +165,32 @@ def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
             with gr.Column(scale=2):
                 with gr.Tab("Segmentation"):
                     verdict = gr.Markdown(elem_id="verdict")
+                    domain_warning = gr.Markdown(elem_id="domain-warning")
                     with gr.Row():
-                        overlay = gr.AnnotatedImage(label="Fused mask", format="png", elem_id="fused-mask")
+                        overlay = image("Fused mask (contour)", "fused-mask")
                         probability = image("Fused probability σ(L)", "probability")
                         uncertainty = image("Ensemble spread (≥ 2 checkpoints)", "uncertainty")
                     exports = gr.File(label="Mask (PNG; NIfTI for NIfTI/DICOM inputs)", file_count="multiple",
                                       height=140, elem_id="exports")
                     timing = gr.Markdown(elem_id="timing")
                 with gr.Tab("Explanations"):
+                    cam_method = gr.Dropdown(list(CAM_METHODS), value=FAST_GRADCAM, elem_id="cam-method",
+                                             label="CAM method (press Segment again after changing it)")
                     with gr.Row():
-                        cams = [image("Grad-CAM, semantic stream (S1)", "cam-semantic"),
-                                image("Grad-CAM, frequency stream (F3)", "cam-frequency")]
+                        cams, cam_notes = [], []
+                        for stream, title in (("semantic", "semantic stream (S1)"), ("frequency", "frequency "
+                                                                                                   "stream (F3)")):
+                            with gr.Column():
+                                cams.append(image(f"CAM, {title}", f"cam-{stream}"))
+                                gr.Markdown(PANEL_NOTES[f"cam-{stream}"], elem_classes=["panel-note"])
+                                cam_notes.append(gr.Markdown(elem_id=f"cam-{stream}-note"))
                     with gr.Row():
                         branches = [image("Semantic branch σ(L_s)", "branch-semantic"),
                                     image("Frequency branch σ(L_f)", "branch-frequency")]
-                    gr.Markdown("Haar sub-bands the frequency encoder sees (detail bands share one colour scale)")
+                    gr.Markdown(PANEL_NOTES["branches"], elem_classes=["panel-note"], elem_id="branches-note")
                     with gr.Row():
-                        subbands = [image(label, f"band-{band}") for band, label in BANDS.items()]
+                        subbands = [gr.Image(show_label=False, format="png", elem_id=f"band-{band}") for band in BANDS]
+                    gr.Markdown(PANEL_NOTES["subbands"], elem_classes=["panel-note"], elem_id="subbands-note")
                 with gr.Tab("Prompt workbench"):
                     bench_text = gr.Textbox(label=f"Prompts (one per line, at most {MAX_PROMPTS})", lines=4,
                                             value="\n".join(["whole tumour", *ALTERNATIVE_PROMPTS]))
@@ -155,18 +205,25 @@ def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
                     with gr.Row():
                         attention = [image("semantic token → frequency stream", "ffbi-to-frequency"),
                                      image("frequency token → semantic stream", "ffbi-to-semantic")]
-        rows = [[path, text, "\n".join([text, *ALTERNATIVE_PROMPTS])] for path, text in load_examples(EXAMPLES_DIR)]
-        gr.Examples(rows, inputs=[file, prompt, bench_text], cache_examples=False, label="Examples")
+                    gr.Markdown(PANEL_NOTES["ffbi"], elem_classes=["panel-note"], elem_id="ffbi-note")
 
-        load_inputs, load_outputs = [file, modality, window, slice_index, axis], [preview, info, slice_index, state]
+        def pick_example(evt: gr.SelectData) -> tuple:
+            path, text = examples[evt.index]
+            return path, text, "\n".join([text, *ALTERNATIVE_PROMPTS])
+
+        example_gallery.select(pick_example, None, [file, prompt, bench_text], **PRIVATE)
+        run_outputs = [overlay, verdict, domain_warning, probability, uncertainty, *cams, *cam_notes, *subbands,
+                       *branches, bench_gallery, iou, stats, reliance, exports, timing, attention[0], explore_caption,
+                       attention[1]]
+        load_inputs = [file, modality, window, slice_index, axis]
+        load_outputs = [preview, info, slice_index, state, window, axis, *run_outputs]
         for trigger in (file.change, axis.input):  # a new file or axis starts at the middle slice
             trigger(lambda *a: load(*a[:3], None, a[4]), load_inputs, load_outputs, **PRIVATE)
         for trigger in (modality.input, window.input, slice_index.release):
             trigger(load, load_inputs, load_outputs, **PRIVATE)
-        run_button.click(run, [state, prompt, bench_text, control, threshold, *switches],
-                         [overlay, verdict, probability, uncertainty, *cams, *subbands, *branches, bench_gallery, iou,
-                          stats, reliance, exports, timing], **PRIVATE)
-        compare_button.click(compare, [state, bench_text, control, threshold, *switches],
+        run_button.click(run, [state, prompt, bench_text, control, threshold, *switches, cam_method], run_outputs,
+                         **PRIVATE)
+        compare_button.click(compare, [state, prompt, bench_text, control, threshold, *switches],
                              [bench_gallery, iou, stats, reliance], **PRIVATE)
         preview.select(explore, [state, prompt], [*attention, explore_caption], **PRIVATE)
 

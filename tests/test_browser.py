@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _demo_support import decisive_model, write_nifti
+from PIL import Image
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
@@ -24,8 +25,9 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 import app  # noqa: E402
-from freqmedclip.demo.session import DemoSession, load_session  # noqa: E402
+from freqmedclip.demo.session import DemoSession, find_domain_reference, load_session  # noqa: E402
 from freqmedclip.inference.predictor import Predictor  # noqa: E402
+from freqmedclip.modeling.backbone import load_clip_backbone  # noqa: E402
 
 SCREENSHOT_TARGET = os.environ.get("FREQMEDCLIP_SCREENSHOT")
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -34,11 +36,18 @@ FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-u
 
 
 @pytest.fixture(scope="module")
-def session(mini_backbone) -> DemoSession:
-    """The shipped ensemble when refreshing the README's screenshot, else two small random models."""
+def shipped_backbone():
+    return load_clip_backbone("local-dir:assets/backbones/mini-clip")
+
+
+@pytest.fixture(scope="module")
+def session(shipped_backbone) -> DemoSession:
+    """The shipped ensemble when refreshing the README's screenshot, else two small random models on the shipped
+    backbone (so the shipped domain reference applies to them)."""
     if SCREENSHOT_TARGET:
         return load_session()
-    return DemoSession(Predictor([decisive_model(mini_backbone, seed) for seed in (0, 1)]))
+    return DemoSession(Predictor([decisive_model(shipped_backbone, seed) for seed in (0, 1)]),
+                       domain_reference=find_domain_reference(shipped_backbone.weights_sha256))
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +92,29 @@ def _tab(driver, name: str) -> None:
     buttons[0].click()
 
 
-def test_page_runs_an_example_and_every_panel_renders(url, session, browser, tmp_path):
+def _text(driver, element_id: str) -> str:
+    return driver.find_element(By.ID, element_id).text
+
+
+def _segment(driver) -> None:
+    driver.execute_script("window.scrollTo(0, 0);")
+    driver.find_element(By.ID, "segment-button").click()
+
+
+def test_page_runs_an_example_and_every_panel_renders(url, session, browser, tmp_path, shipped_backbone):
     start = time.perf_counter()
     browser.get(url)
-    row = WebDriverWait(browser, 90).until(lambda d: [e for e in d.find_elements(
-        By.XPATH, "//tr[.//*[contains(text(), 'brain_whole_tumour.png')]]") if e.is_displayed()])[0]
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", row)
-    row.click()
+    thumbnails = _wait_for(browser, "#examples img", count=3)              # the examples, with thumbnails, on top
+    assert thumbnails[0].location["y"] < 400
+    assert "Trained on" in _text(browser, "training-data") or "not recorded" in _text(browser, "training-data")
+    thumbnails[0].click()                                                  # brain_whole_tumour.png
     preview = _wait_for(browser, "#input-preview img")[0]
     assert "PNG 224x224" in browser.find_element(By.ID, "input-info").text
-    browser.execute_script("window.scrollTo(0, 0);")
-    browser.find_element(By.ID, "segment-button").click()
+    assert not _shown(browser, "#ct-window") and not _shown(browser, "#nifti-axis")   # no CT window for a PNG
+    prompt = browser.find_element(By.CSS_SELECTOR, "#prompt textarea")
+    prompt.clear()
+    prompt.send_keys("brain tumour")                                       # not in the example's workbench list
+    _segment(browser)
 
     for selector in ("#fused-mask img", "#probability img", "#uncertainty img"):
         _wait_for(browser, selector)
@@ -112,17 +133,51 @@ def test_page_runs_an_example_and_every_panel_renders(url, session, browser, tmp
     for selector in ("#cam-semantic img", "#cam-frequency img", "#branch-semantic img", "#branch-frequency img",
                      *(f"#band-{band} img" for band in ("LL", "LH", "HL", "HH"))):
         _wait_for(browser, selector)
+    page = browser.find_element(By.TAG_NAME, "body").text
+    for note in ("Grad-CAM on S1", "Grad-CAM on F3", "Eq. 18", "LL the local mean"):       # panel captions
+        assert note in page, note
+    found = verdict.startswith("Found")
+    assert ("logit per token" if found else "Nothing to explain") in _text(browser, "cam-semantic-note")
 
     _tab(browser, "Prompt workbench")
-    _wait_for(browser, "#bench-masks img", count=5)                       # 4 prompts + the control
+    _wait_for(browser, "#bench-masks img", count=6)                       # the main prompt, 4 prompts, the control
     assert "Text reliance" in _wait_for(browser, "#reliance")[0].text
-    assert "control: a purple elephant" in _wait_for(browser, "#iou table")[0].text
+    _wait_for(browser, "#iou table")
+    WebDriverWait(browser, 30).until(lambda d: "#1 brain tumour" in _text(d, "iou"))   # the typed main prompt
+    assert "control: a purple elephant" in _text(browser, "iou")
     assert "mean p in mask" in _wait_for(browser, "#stats table")[0].text
 
     _tab(browser, "FFBI explorer")
     ActionChains(browser).move_to_element_with_offset(preview, 30, -40).click().perform()
     WebDriverWait(browser, 90).until(lambda d: "Token (row" in d.find_element(By.ID, "ffbi-caption").text)
     assert len(_wait_for(browser, "#ffbi-to-frequency img")) == len(_wait_for(browser, "#ffbi-to-semantic img")) == 1
+    assert _text(browser, "ffbi-caption").count("max ratio") == 2 and "uniform" in _text(browser, "ffbi-note")
+
+    # an empty prediction: the explanations say so and draw no heat map (a model that never finds anything)
+    predictor = session.predictor
+    session.predictor = Predictor([decisive_model(shipped_backbone, empty=True)])
+    try:
+        _tab(browser, "Segmentation")                                      # (hidden text reads as "")
+        _segment(browser)
+        WebDriverWait(browser, 90).until(lambda d: "No target found" in _text(d, "verdict"))
+        _tab(browser, "Explanations")
+        WebDriverWait(browser, 30).until(lambda d: "Nothing to explain" in _text(d, "cam-semantic-note"))
+        assert "Nothing to explain" in _text(browser, "cam-frequency-note")
+    finally:
+        session.predictor = predictor
+
+    # pure noise: the out-of-distribution warning beside the verdict
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(noise)
+    browser.find_element(By.CSS_SELECTOR, "button[aria-label='Clear']").click()
+    WebDriverWait(browser, 30).until(lambda d: not _text(d, "input-info").strip())
+    browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(noise))
+    WebDriverWait(browser, 90).until(lambda d: "PNG 224x224" in _text(d, "input-info"))
+    _tab(browser, "Segmentation")
+    WebDriverWait(browser, 30).until(lambda d: not _shown(d, "#fused-mask img"))         # old results cleared
+    assert not _text(browser, "verdict").strip() and _shown(browser, "#verdict")
+    _segment(browser)
+    WebDriverWait(browser, 90).until(lambda d: "Outside the training data" in _text(d, "domain-warning"))
 
     # a NIfTI upload replaces the example: the slice slider appears at the middle slice
     volume = write_nifti(tmp_path / "volume.nii.gz", np.random.default_rng(0).normal(size=(64, 48, 9)).astype("f4"))
@@ -130,4 +185,6 @@ def test_page_runs_an_example_and_every_panel_renders(url, session, browser, tmp
     browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(volume))
     WebDriverWait(browser, 90).until(lambda d: "NIFTI 48x64" in d.find_element(By.ID, "input-info").text)
     assert "slice 5/9" in browser.find_element(By.ID, "input-info").text
-    assert time.perf_counter() - start < 240
+    assert not _text(browser, "verdict").strip() and not _text(browser, "domain-warning").strip()   # cleared
+    assert _shown(browser, "#nifti-axis") and not _shown(browser, "#ct-window")   # an MRI-like volume: axis only
+    assert time.perf_counter() - start < 360

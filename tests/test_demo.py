@@ -232,7 +232,8 @@ def test_workbench_statistics():
     np.testing.assert_allclose(bench.mean_probability, [0.8, 0.6, 0.0], atol=1e-6)
     assert bench.text_reliance == pytest.approx(1.0)                     # both prompts differ from the empty control
     headers, rows = bench.iou_rows()
-    assert headers == ["prompt", "a", "b", "control: nonsense"] and rows[0][2] == pytest.approx(25 / 75, abs=1e-3)
+    assert headers == ["prompt", "#1", "#2", "control"] and rows[0][2] == pytest.approx(25 / 75, abs=1e-3)
+    assert [row[0] for row in rows] == ["#1 a", "#2 b", "control: nonsense"]   # short headers, full row names
     assert bench.stats_rows()[1][2] == ["control: nonsense", 0.0, 0.0, 1.0]
 
 

@@ -8,6 +8,13 @@
 * Fig. 3 (``fig3_activations``): per dataset, the image, the Grad-CAM of the semantic stream (S1), of the
   frequency stream (F3), and the fused probability sigma(L), all for the same prompt.
 
+* Fig. 3 made measurable (``activation_shares`` in ``figures.json``, printed): over every positive record of the
+  split, the share of each stream's Grad-CAM mass (the raw map, logit units, >= 0) inside the ground-truth target
+  and within a thin band around its contour (``--band-px`` 3 at 224, both sides), against what a uniform map
+  would score (the target's and the band's area fractions). The paper says semantic activations cover coarse
+  regions and frequency activations boundaries: a frequency contour share above the semantic one says the latter.
+  Records whose prediction is empty (nothing to explain) are skipped and counted.
+
 Cases are positive records (the structure is present) of ``--split`` (any split when a dataset has none there),
 drawn with ``--seed`` from the records sorted by sample id, so a rerun picks the same cases. ``figures.json``
 lists them with their Dice. Images go through the Predictor exactly as in the demo (8-bit: / 255).
@@ -26,6 +33,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from scipy import ndimage
 
 from freqmedclip.inference import Predictor, load_clip_backbone, load_ensemble
 from freqmedclip.inference.checkpoint import atomic_write
@@ -121,10 +129,69 @@ def figure_activations(cases: list[dict]) -> Figure:
     return figure
 
 
+def contour_band(target: np.ndarray, band_px: float) -> np.ndarray:
+    """(H, W) bool: pixels at most ``band_px`` from the target's contour, on either side (inside: distance to the
+    nearest outside pixel; outside: to the nearest inside pixel)."""
+    inside = ndimage.distance_transform_edt(target)
+    outside = ndimage.distance_transform_edt(~target)
+    return (target & (inside <= band_px)) | (~target & (outside <= band_px))
+
+
+def activation_shares(cam: np.ndarray, target: np.ndarray, band_px: float = 3.0) -> dict[str, float]:
+    """cam: (H, W) >= 0; target: (H, W) bool, same grid. Shares of the map's mass inside the target and in the
+    contour band (``band_px`` at this grid), and the same for a uniform map (the area fractions)."""
+    cam = np.clip(np.asarray(cam, dtype=np.float64), 0.0, None)
+    band = contour_band(target, band_px)
+    total = cam.sum()
+    share = (lambda region: float(cam[region].sum() / total)) if total > 0 else (lambda region: float("nan"))
+    return {"inside": share(target), "contour": share(band), "uniform_inside": float(target.mean()),
+            "uniform_contour": float(band.mean())}
+
+
+def positive_records(records: Sequence[StructureRecord], split: str) -> list[StructureRecord]:
+    """The positive records of ``split`` sorted by id (all positive records when the split has none)."""
+    positives = sorted((r for r in records if r.positive), key=lambda r: r.sample_id + "/" + r.structure)
+    return [r for r in positives if r.split == split] or positives
+
+
+def measure_shares(predictor: Predictor, root: Path, records: Sequence[StructureRecord],
+                   band_px: float = 3.0) -> dict:
+    """Mean :func:`activation_shares` per stream over ``records`` (positive ones), at the model's 224 grid, overall
+    and per dataset; the Grad-CAM explains each record's first prompt."""
+    per_stream: dict[str, list[dict]] = defaultdict(list)
+    per_dataset: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    skipped = 0
+    for record in records:
+        tensor, _ = predictor.prepare(load_image(root, record))
+        prompt = record.prompts[0]
+        cams = predictor.predict_tensor(tensor, [prompt], explain=prompt)["gradcam"]
+        if cams.empty:
+            skipped += 1
+            continue
+        size = tuple(tensor.shape[-2:])
+        target = resize_map(load_mask(root, record).astype(bool), size)
+        for stream in ("semantic", "frequency"):
+            raw = getattr(cams, f"{stream}_logit")
+            if raw is not None:
+                shares = activation_shares(raw, target, band_px * size[0] / 224)
+                per_stream[stream].append(shares)
+                per_dataset[record.dataset][stream].append(shares)
+
+    def mean(rows: list[dict]) -> dict[str, float]:
+        return {key: round(float(np.nanmean([r[key] for r in rows])), 4) for key in rows[0]} if rows else {}
+
+    return {"band_px_at_224": band_px, "records": len(records), "explained": len(records) - skipped,
+            "skipped_empty_prediction": skipped, **{stream: mean(rows) for stream, rows in per_stream.items()},
+            "per_dataset": {d: {s: mean(rows) for s, rows in streams.items()} for d, streams in
+                            sorted(per_dataset.items())}}
+
+
 def render_figures(predictor: Predictor, baseline: Predictor | None, root: Path, out: Path, split: str = "test",
-                   per_dataset: int = 1, seed: int = 0) -> dict:
-    """Predict the selected cases, write Fig. 2 and Fig. 3 (PNG + PDF) and figures.json to ``out``."""
-    chosen = select_cases(read_manifest(root), split, per_dataset, seed)
+                   per_dataset: int = 1, seed: int = 0, band_px: float = 3.0) -> dict:
+    """Predict the selected cases, write Fig. 2 and Fig. 3 (PNG + PDF) and figures.json (with the activation
+    shares over the split's positive records) to ``out``."""
+    manifest = read_manifest(root)
+    chosen = select_cases(manifest, split, per_dataset, seed)
     if not chosen:
         raise ValueError(f"{root} has no positive record (a structure present in an image) to show")
     cases = []
@@ -150,8 +217,10 @@ def render_figures(predictor: Predictor, baseline: Predictor | None, root: Path,
     files = _save(figure_qualitative(cases, baseline is not None, per_dataset), out, "fig2_qualitative")
     files += _save(figure_activations(first), out, "fig3_activations")
     keys = ("dataset", "sample_id", "structure", "prompt", "dice_ours", "dice_baseline")
+    positives = positive_records(manifest, split)
     summary = {"cases": [{k: case[k] for k in keys if k in case} for case in cases],
-               "files": [str(f) for f in files], "checkpoints": len(predictor.models), "split": split}
+               "files": [str(f) for f in files], "checkpoints": len(predictor.models), "split": split,
+               "activation_shares": measure_shares(predictor, root, positives, band_px)}
     atomic_write(out / "figures.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     return summary
 
@@ -167,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backbone", default=None, help="local-dir:PATH | hf-hub:ID (default: the checkpoints')")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--band-px", type=float, default=3.0, help="contour band half-width in px at 224")
     args = parser.parse_args(argv)
     backbone = load_clip_backbone(args.backbone) if args.backbone else None
     models = load_ensemble(args.checkpoint, backbone, device=args.device)
@@ -175,10 +245,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.baseline:
         baseline = Predictor(load_ensemble(args.baseline, backbone or models[0].clip_backbone, device=args.device),
                              device=args.device)
-    summary = render_figures(predictor, baseline, args.data, args.out, args.split, args.per_dataset, args.seed)
+    summary = render_figures(predictor, baseline, args.data, args.out, args.split, args.per_dataset, args.seed,
+                             args.band_px)
     for case in summary["cases"]:
         print(f"{case['dataset']:8s} {case['sample_id']} {case['prompt']!r}: Dice ours {case['dice_ours']:.3f}"
               + (f", baseline {case['dice_baseline']:.3f}" if "dice_baseline" in case else ""))
+    shares = summary["activation_shares"]
+    print(f"Grad-CAM mass over {shares['explained']} of {shares['records']} positive {args.split} records "
+          f"({shares['skipped_empty_prediction']} empty predictions skipped), contour band {args.band_px:g} px:")
+    for stream in ("semantic", "frequency"):
+        if shares.get(stream):
+            s = shares[stream]
+            print(f"  {stream:9s} inside target {s['inside']:.3f} (uniform {s['uniform_inside']:.3f}), "
+                  f"on the contour band {s['contour']:.3f} (uniform {s['uniform_contour']:.3f})")
     print("\n".join(summary["files"]))
     return summary
 

@@ -160,3 +160,64 @@ def mark(image: np.ndarray, x: float, y: float, colour: tuple[int, int, int] = Y
         draw.line([(x - arm, y), (x + arm, y)], fill=fill, width=width)
         draw.line([(x, y - arm), (x, y + arm)], fill=fill, width=width)
     return np.asarray(out)
+
+
+def halo_outline(base: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = YELLOW) -> np.ndarray:
+    """A (H, W) bool mask as a two-tone contour (dark halo, bright line) over base (H, W, 3) uint8: visible on
+    gray and on pseudo-coloured images alike, and it hides no pixel inside the mask."""
+    mask = resize_map(mask, base.shape[:2])
+    out = base.copy()
+    if not mask.any():
+        return out
+    line = max(1, round(max(base.shape[:2]) / 256))
+    outer = ndimage.binary_dilation(mask, iterations=line + 1) & ~ndimage.binary_erosion(mask, iterations=line + 1,
+                                                                                        border_value=0)
+    out[outer] = (0, 0, 0)
+    out[outline(mask, line)] = colour
+    return out
+
+
+def titled(image: np.ndarray, title: str, height: int = 18) -> np.ndarray:
+    """image (H, W, 3) uint8 with a white title strip above it: (H + height, W, 3)."""
+    strip = Image.fromarray(np.full((height, image.shape[1], 3), 255, dtype=np.uint8))
+    ImageDraw.Draw(strip).text((4, 2), title, fill=(0, 0, 0), font=_font(12))
+    return np.concatenate([np.asarray(strip), image], axis=0)
+
+
+def notice_panel(base: np.ndarray, lines: list[str]) -> np.ndarray:
+    """The image dimmed to gray with ``lines`` of text on it and no heat map: an explicit empty state
+    (h + BAR_HEIGHT, w, 3), the same size as a heat panel."""
+    gray = base.mean(axis=2, keepdims=True).repeat(3, axis=2)
+    dimmed = Image.fromarray(np.round(gray * 0.35 + 150).astype(np.uint8))
+    draw = ImageDraw.Draw(dimmed)
+    font = _font(14)
+    for i, line in enumerate(lines):
+        draw.text((base.shape[1] // 2, base.shape[0] // 2 + 18 * (i - len(lines) / 2)), line, fill=(0, 0, 0),
+                  font=font, anchor="ma")
+    return np.concatenate([np.asarray(dimmed), np.full((BAR_HEIGHT, base.shape[1], 3), 255, np.uint8)], axis=0)
+
+
+def scaled_heat_panel(base: np.ndarray, values: np.ndarray, scale: float, unit: str,
+                      cmap: str = "inferno") -> np.ndarray:
+    """A map >= 0 on the fixed scale [0, scale] (saturating above), drawn with an opacity that grows with the
+    value, so a map near 0 leaves the image visible instead of painting it: (h + BAR_HEIGHT, w, 3) uint8."""
+    unit_values = np.clip(resize_map(values.astype(np.float32), base.shape[:2]) / scale, 0.0, 1.0)
+    heat = blend(base, apply_colormap(unit_values, cmap), 0.8 * unit_values)
+    return with_colorbar(heat, cmap, f"{scale:.3g} {unit}", "0")
+
+
+RATIO_RANGE = 8.0   # FFBI panels: the colour scale runs from 1/8 to 8 times uniform attention (log scale)
+
+
+def ratio_colours(ratio: np.ndarray, cmap: str = "RdBu_r") -> np.ndarray:
+    """(H, W) ratios to uniform -> (H, W, 3) uint8 on a diverging log scale centred on 1 (white)."""
+    unit = 0.5 + 0.5 * np.log(np.clip(ratio, 1e-6, None)) / np.log(RATIO_RANGE)
+    return apply_colormap(unit.astype(np.float32), cmap)
+
+
+def ratio_panel(base: np.ndarray, ratio: np.ndarray, cmap: str = "RdBu_r", alpha: float = 0.65) -> np.ndarray:
+    """An attention map as its ratio to uniform (14, 14 -> resized nearest) over base: a uniform map gives one
+    flat colour (white), (h + BAR_HEIGHT, w, 3) uint8."""
+    colours = ratio_colours(resize_map(ratio.astype(np.float32), base.shape[:2], nearest=True), cmap)
+    return with_colorbar(blend(base, colours, alpha), cmap, f"{RATIO_RANGE:g}x uniform",
+                         f"1/{RATIO_RANGE:g}x", "uniform")

@@ -18,12 +18,19 @@ Notable choices:
 * Text reliance = 1 - mean_i IoU(M_i, M_control) over the user's prompts i, where M_control is the mask of a
   nonsense control prompt. 0: every prompt gives the control's mask (the text is ignored); 1: no prompt's mask
   overlaps the control's (the text decides). Two empty masks count as identical (IoU 1).
-* Grad-CAM is averaged over the ensemble (each member's map is min-max normalised first).
+* Explanations cannot mislead: the default Grad-CAM (ours, ``explain.features_gradcam``) is drawn in logit units
+  on the fixed scale ``explain.GRADCAM_SCALE`` (averaged over the ensemble in those units), its raw maximum
+  printed; the pytorch-grad-cam methods (``CAM_METHODS``) are min-max normalised per image and say so; an empty
+  prediction draws no heat map at all ("nothing to explain"). FFBI attention is shown as its ratio to uniform
+  attention (1/196) on a diverging log scale centred on uniform, with the maximum ratio printed.
+* The workbench always contains the main prompt (first), and every update says when the image does not look like
+  the selected models' training domains (:mod:`freqmedclip.inference.domain`) or when the checkpoints disagree.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +50,15 @@ from freqmedclip.demo.uploads import (
     export_mask_png,
     load_upload,
     prune,
+)
+from freqmedclip.inference.domain import DomainCheck, DomainReference, caption_for, check_domain
+from freqmedclip.inference.explain import (
+    GRADCAM_SCALE,
+    GRID_TOKENS,
+    LIBRARY_CAM_METHODS,
+    attention_ratio,
+    library_cams,
+    mean_cams,
 )
 from freqmedclip.inference import (
     ALL_ON,
@@ -66,6 +82,31 @@ CONTROL_PROMPT = "a purple elephant riding a bicycle"
 EXPORT_MAX_AGE_S = 3600.0
 DEFAULT_CHECKPOINTS = REPO_ROOT / "assets" / "checkpoints"
 DEFAULT_BACKBONE = "local-dir:assets/backbones/mini-clip"
+DOMAIN_REFERENCES = REPO_ROOT / "assets" / "domains"
+MODEL_ROOTS = (DEFAULT_CHECKPOINTS, REPO_ROOT / "assets" / "baselines")
+FAST_GRADCAM = "Grad-CAM (fast, fixed scale)"
+CAM_METHODS = (FAST_GRADCAM, *LIBRARY_CAM_METHODS)
+EMPTY_EXPLANATION = "Nothing to explain: the prediction is empty"
+DISAGREEMENT_IOU = 0.5      # mean pairwise IoU of the members' masks below which the ensemble is said to disagree
+RESULTS_SECTION = "README.md, section \"Results on the phantom benchmark\""
+LOG = logging.getLogger("freqmedclip.demo")
+
+BAND_TITLES = {"LL": "LL: local mean", "LH": "LH: horizontal edges", "HL": "HL: vertical edges",
+               "HH": "HH: diagonal detail"}
+# One or two lines under each panel: what it shows and how to read it.
+PANEL_NOTES = {
+    "cam-semantic": "Grad-CAM on **S1**, the semantic stream's 14×14 bottleneck (the ViT's last FPN level, the "
+                    "token grid FFBI receives): where S1 raises the fused logit L of the predicted region.",
+    "cam-frequency": "Grad-CAM on **F3**, the frequency stream's 14×14 stage-3 ConvNeXt features of the Haar "
+                     "sub-bands (what FFBI receives): where F3 raises the fused logit L of the predicted region.",
+    "branches": "σ(L_s) and σ(L_f): each decoder's own prediction (branch logits L_s, L_f). The fusion head "
+                "(Eq. 18) combines them per pixel, L = head([L_s, L_f]), a learned two-layer 1×1 convolution.",
+    "subbands": "One-level Haar DWT of the input, as the frequency encoder receives it: **LL** the local mean "
+                "(2×2 average), **LH / HL / HH** the horizontal / vertical / diagonal detail (signed, one scale).",
+    "ffbi": "FFBI cross-attention of the clicked 14×14 token, as a ratio to uniform attention (1/196 per token): "
+            "white = uniform, red = more, blue = less (log scale, 1/8× to 8×). A flat panel means it reads "
+            "everywhere alike.",
+}
 
 Progress = Callable[[float, str], None]
 
@@ -79,6 +120,14 @@ def _no_progress(fraction: float, message: str) -> None:
 
 
 # ---------------------------------------------------------------- prompt-sensitivity workbench (pure functions)
+
+def with_main_prompt(prompts: Sequence[str], main: str, limit: int = MAX_PROMPTS) -> list[str]:
+    """The workbench's prompts with the main prompt first (added when missing, the last one dropped if the list
+    would exceed ``limit``)."""
+    main = " ".join(main.split())
+    rest = [p for p in prompts if p != main]
+    return [main, *rest][:limit]
+
 
 def parse_prompts(text: str | Sequence[str], limit: int = MAX_PROMPTS) -> list[str]:
     """Prompts from one-per-line (or ';'-separated) text: stripped, de-duplicated, at most ``limit``."""
@@ -134,11 +183,16 @@ class Workbench:
     def labels(self) -> list[str]:
         return [*self.prompts[:-1], f"control: {self.prompts[-1]}"]
 
+    def short_labels(self) -> list[str]:
+        """Column headers that fit: "#1" .. "#P" and "control"."""
+        return [*(f"#{i + 1}" for i in range(len(self.prompts) - 1)), "control"]
+
     def iou_rows(self) -> tuple[list[str], list[list[str | float]]]:
-        """The IoU matrix as a table: headers and rows (first column = prompt)."""
-        labels = self.labels()
+        """The IoU matrix as a table: short headers, rows named "#k prompt" (first column)."""
+        names = [*(f"{short} {label}" for short, label in zip(self.short_labels(), self.labels()[:-1])),
+                 self.labels()[-1]]
         rounded = np.round(self.iou.astype(np.float64), 3)
-        return ["prompt", *labels], [[labels[i], *rounded[i].tolist()] for i in range(len(labels))]
+        return ["prompt", *self.short_labels()], [[names[i], *rounded[i].tolist()] for i in range(len(names))]
 
     def stats_rows(self) -> tuple[list[str], list[list[str | float]]]:
         """Per prompt: area (% of image), mean probability inside the mask, IoU with the control."""
@@ -160,6 +214,7 @@ class Panels:
     """Every panel of one update; images are uint8 (h[+bar], w, 3) at the display size (longer side <= 512)."""
 
     view: np.ndarray                          # (h, w, 3) the input as the model sees it
+    overlay: np.ndarray                       # (h, w, 3) the fused mask as a two-tone contour over the view
     mask_view: np.ndarray                     # (h, w) bool fused mask
     mask: np.ndarray                          # (H, W) bool fused mask at the input's size
     found: bool
@@ -173,6 +228,85 @@ class Panels:
     workbench: Workbench | None
     exports: list[Path]
     timings_ms: dict[str, float]
+    cam_notes: dict[str, str] = field(default_factory=dict)   # "semantic", "frequency": what the panel shows
+    explained: bool = True                    # False: empty prediction, no heat map drawn
+    domain_note: str = ""                     # out-of-distribution / disagreement warning ("" when none)
+    domain: DomainCheck | None = None
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a checkpoint was trained on, from its config.json metadata (``train.train`` records both)."""
+
+    data: str | None                 # the data root (``--data``)
+    domains: tuple[str, ...]         # the datasets (``--datasets``, else the validation metrics' per-dataset keys)
+
+
+def training_data(header: dict | None) -> TrainingData | None:
+    """TrainingData from a checkpoint header (``model.checkpoint_header``); None when it records none."""
+    metadata = (header or {}).get("metadata") or {}
+    args = metadata.get("args") or {}
+    domains = args.get("datasets") or list(((metadata.get("metrics") or {}).get("val") or {}).get("per_dataset") or {})
+    if not args.get("data") and not domains:
+        return None
+    return TrainingData(args.get("data"), tuple(sorted(domains)))
+
+
+def training_line(trained: Sequence[TrainingData | None]) -> str:
+    """One line for the header: what the selected checkpoints were trained on."""
+    known = [t for t in trained if t is not None]
+    if not known:
+        return f"Training data: not recorded in the {len(trained)} checkpoint(s)' config.json."
+    roots = sorted({t.data for t in known if t.data})
+    domains = sorted({d for t in known for d in t.domains})
+    phantom = any("phantom" in root for root in roots)
+    what = ", ".join(f"{caption_for(d)} ({d})" for d in domains) or "unrecorded datasets"
+    line = (f"**Trained on:** {'synthetic phantoms' if phantom else ', '.join(roots) or 'unrecorded data'}: {what}"
+            f" ({len(known)} of {len(trained)} checkpoint(s) record it; data root {', '.join(roots) or '?'}).")
+    if phantom:
+        line += f" Not real patients; results in {RESULTS_SECTION}."
+    return line
+
+
+def available_models(roots: Sequence[Path] = MODEL_ROOTS) -> dict[str, tuple[str, ...]]:
+    """Checkpoint folders under ``roots`` (``*/config.json``) and the domains each was trained on."""
+    found = {}
+    for root in roots:
+        for config in sorted(Path(root).glob("*/config.json")) if Path(root).is_dir() else []:
+            trained = training_data(json.loads(config.read_text()))
+            found[str(config.parent)] = trained.domains if trained else ()
+    return found
+
+
+def domain_note(check: DomainCheck | None, trained: Sequence[str], members_iou: float | None,
+                available: dict[str, tuple[str, ...]]) -> str:
+    """Markdown warning beside the verdict when the image looks like none of the training domains, lies nearest a
+    domain the selected models were not trained on, or the checkpoints disagree; "" when none applies."""
+    lines = []
+    if check is not None and check.outside:
+        others = sorted({d for domains in available.values() for d in domains} - set(trained))
+        suggestion = (f"Checkpoints trained on {', '.join(others)} exist: " + ", ".join(
+            f"`{path}`" for path, domains in available.items() if set(domains) & set(others)) if others else
+            "No available checkpoint was trained on other images, so none would be better; treat the masks as "
+            "meaningless.")
+        lines.append(f"### Outside the training data\nThis image does not look like anything the selected models "
+                     f"were trained on ({', '.join(caption_for(d) for d in trained) or 'unknown'}): its CLIP "
+                     f"feature distance to the nearest, {caption_for(check.nearest)}, is {check.distance:.2f} "
+                     f"(training images: up to {check.threshold:.2f}). {suggestion}")
+    elif check is not None and trained and check.nearest not in trained:
+        lines.append(f"### Different domain\nThe image looks like {caption_for(check.nearest)}, which the selected "
+                     f"models were not trained on.")
+    if members_iou is not None and members_iou < DISAGREEMENT_IOU:
+        lines.append(f"**The checkpoints disagree:** mean pairwise IoU of their masks {members_iou:.2f} "
+                     f"(below {DISAGREEMENT_IOU}); the ensemble mean is unreliable here.")
+    return "\n\n".join(lines)
+
+
+def controls_for(loaded: LoadedImage | None) -> tuple[bool, bool]:
+    """(show the CT window, show the NIfTI axis): the window for DICOM/NIfTI CT, the axis for NIfTI volumes."""
+    if loaded is None:
+        return False, False
+    return loaded.kind in ("dicom", "nifti") and loaded.modality == "CT", loaded.kind == "nifti"
 
 
 def _timed(timings: dict[str, float], name: str, start: float) -> float:
@@ -190,11 +324,34 @@ class DemoSession:
         exports: folder for mask exports (default: a fresh folder under the system temp directory).
     """
 
-    def __init__(self, predictor: Predictor, limits: Limits | None = None, exports: Path | None = None) -> None:
+    def __init__(self, predictor: Predictor, limits: Limits | None = None, exports: Path | None = None,
+                 domain_reference: DomainReference | None = None,
+                 available: dict[str, tuple[str, ...]] | None = None) -> None:
         self.predictor = predictor
         self.limits = limits or Limits(max_pixels=predictor.max_pixels)
         self.exports = Path(exports) if exports is not None else export_dir()
         self.lock = threading.Lock()
+        self.trained = [training_data(getattr(m, "checkpoint_header", None)) for m in predictor.models]
+        backbone = predictor.models[0].clip_backbone
+        if domain_reference is not None and domain_reference.backbone_sha256 != backbone.weights_sha256:
+            domain_reference = None          # built on another backbone's features: meaningless here
+        self.domain_reference = domain_reference
+        self.available = available if available is not None else {}
+
+    @property
+    def training_domains(self) -> list[str]:
+        return sorted({d for t in self.trained if t is not None for d in t.domains})
+
+    def header(self) -> str:
+        return training_line(self.trained)
+
+    def check_domain(self, tensor: Tensor) -> DomainCheck | None:
+        """The image's relation to the training domains; None without a domain reference for this backbone."""
+        if self.domain_reference is None:
+            return None
+        with self.lock:
+            return check_domain(self.predictor.models[0].clip_backbone, self.domain_reference, tensor,
+                                self.training_domains or None)
 
     @property
     def n_members(self) -> int:
@@ -225,10 +382,13 @@ class DemoSession:
             return self.predictor.predict_tensor(tensor, prompts, switches, explain)
 
     def workbench(self, loaded: LoadedImage | None, prompts: str | Sequence[str], control: str = CONTROL_PROMPT,
-                  threshold: float = 0.5, switches: Switches = ALL_ON) -> Workbench:
-        """Up to ``MAX_PROMPTS`` prompts and the control on one image, in one batched forward."""
+                  threshold: float = 0.5, switches: Switches = ALL_ON, main_prompt: str | None = None) -> Workbench:
+        """Up to ``MAX_PROMPTS`` prompts and the control on one image, in one batched forward; ``main_prompt``
+        (the demo's Prompt box) is always among them, first."""
         loaded = _require(loaded)
         prompt_list = parse_prompts(prompts)
+        if main_prompt and main_prompt.strip():
+            prompt_list = with_main_prompt(prompt_list, main_prompt)
         if not prompt_list:
             raise InputError("enter at least one prompt for the workbench (one per line)")
         control = _clean(control, "control prompt")
@@ -242,20 +402,24 @@ class DemoSession:
         maps = probability[order, 0].float().cpu().numpy()
         bench = Workbench.from_maps([*prompts, control], maps, threshold)
         base = render.resize_rgb(view, render.view_size(*view.shape[:2], 256))
-        bench.gallery = [(render.mask_overlay(base, bench.masks[i]),
-                          f"{label}: {100 * bench.area_fraction[i]:.1f}% area")
-                         for i, label in enumerate(bench.labels())]
+        bench.gallery = [(render.halo_outline(base, bench.masks[i]),
+                          f"{short} {_shorten(text, 16)} · {100 * bench.area_fraction[i]:.1f}%")
+                         for i, (short, text) in enumerate(zip(bench.short_labels(), bench.prompts, strict=True))]
         return bench
 
     def update(self, loaded: LoadedImage | None, prompt: str, *, threshold: float = 0.5,
                switches: Switches = ALL_ON, workbench_prompts: str | Sequence[str] = (),
-               control: str = CONTROL_PROMPT, progress: Progress = _no_progress) -> Panels:
-        """One full update of every panel for ``loaded`` and ``prompt``."""
+               control: str = CONTROL_PROMPT, progress: Progress = _no_progress,
+               cam_method: str = FAST_GRADCAM) -> Panels:
+        """One full update of every panel for ``loaded`` and ``prompt``; ``cam_method`` one of ``CAM_METHODS``."""
         timings: dict[str, float] = {}
         start = clock = time.perf_counter()
         loaded = _require(loaded)
         prompt = _clean(prompt, "prompt")
+        if cam_method not in CAM_METHODS:
+            raise InputError(f"unknown CAM method {cam_method!r}; choose one of {', '.join(CAM_METHODS)}")
         bench_prompts = parse_prompts(workbench_prompts)
+        bench_prompts = with_main_prompt(bench_prompts, prompt) if bench_prompts else []
         control = _clean(control, "control prompt")
         progress(0.05, "preparing the image")
         tensor = self.prepare(loaded)
@@ -289,10 +453,19 @@ class DemoSession:
         band_size = render.view_size(*view_hw, 224)
         subbands = {"LL": render.gray_panel(bands["LL"], band_size)}
         subbands |= {name: render.signed_panel(bands[name], detail_scale, band_size) for name in BANDS[1:]}
+        subbands = {name: render.titled(panel, BAND_TITLES[name]) for name, panel in subbands.items()}
         branches = {key: render.heat_panel(view, maps[key][main, 0].float().cpu().numpy(), "viridis", 0.6, "p = 1",
                                            "p = 0") for key in ("semantic", "frequency") if maps[key] is not None}
-        cams = [None if cam is None else render.heat_panel(view, cam, "jet", 0.5, "1 (most relevant)", "0")
-                for cam in maps["gradcam"]]
+        explained = bool(mask.any())
+        cams, cam_notes = self._cam_panels(maps["gradcam"], tensor, prompt, switches, cam_method, view, explained,
+                                           threshold)
+        members_masks = (maps["members"][:, main, 0] >= threshold).cpu().numpy()
+        members_iou = None
+        if self.n_members > 1 and members_masks.any():
+            iou = pairwise_iou(members_masks)
+            members_iou = float(iou[np.triu_indices(len(iou), 1)].mean())
+        domain = self.check_domain(tensor)
+        warning = domain_note(domain, self.training_domains, members_iou, self.available)
         bench = None
         if bench_prompts:
             bench = self._workbench_from(maps["probability"], batch, bench_prompts, control, threshold, view)
@@ -310,10 +483,46 @@ class DemoSession:
             exports.append(export_mask_nifti(mask, loaded, self.exports))
         _timed(timings, "export", clock)
         timings["total"] = round((time.perf_counter() - start) * 1000, 1)
-        return Panels(view=view, mask_view=mask_view, mask=mask, found=bool(mask.any()), verdict=verdict,
+        return Panels(view=view, overlay=render.halo_outline(view, mask_view), mask_view=mask_view, mask=mask,
+                      found=bool(mask.any()), verdict=verdict,
                       probability=render.heat_panel(view, probability_view, "viridis", 0.6, "p = 1", "p = 0"),
                       uncertainty=uncertainty, cam_semantic=cams[0], cam_frequency=cams[1], subbands=subbands,
-                      branches=branches, workbench=bench, exports=exports, timings_ms=timings)
+                      branches=branches, workbench=bench, exports=exports, timings_ms=timings, cam_notes=cam_notes,
+                      explained=explained, domain_note=warning, domain=domain)
+
+    def _cam_panels(self, fast: StreamCAMs, tensor: Tensor, prompt: str, switches: Switches, method: str,
+                    view: np.ndarray, explained: bool,
+                    threshold: float) -> tuple[list[np.ndarray | None], dict[str, str]]:
+        """Both streams' CAM panels and their captions: the empty state, our Grad-CAM on the fixed logit scale,
+        or a pytorch-grad-cam method (min-max per image)."""
+        streams = ("semantic", "frequency")
+        present = {name: getattr(fast, name) is not None for name in streams}
+        if not explained:
+            lines = [EMPTY_EXPLANATION, f"(no pixel reaches p >= {threshold:.2f})"]
+            note = f"**{EMPTY_EXPLANATION}** (no pixel reaches p ≥ {threshold:.2f}); no heat map is drawn."
+            return ([render.notice_panel(view, lines) if present[n] else None for n in streams],
+                    {n: note if present[n] else "This model has no such stream." for n in streams})
+        if method == FAST_GRADCAM:
+            panels, notes = [], {}
+            for name in streams:
+                raw = getattr(fast, f"{name}_logit")
+                if raw is None:
+                    panels.append(None)
+                    notes[name] = "This model has no such stream."
+                    continue
+                panels.append(render.scaled_heat_panel(view, raw, GRADCAM_SCALE, "logit"))
+                notes[name] = (f"Max {float(raw.max()):.4f} logit per token (colour bar fixed at 0–{GRADCAM_SCALE:g} "
+                               f"for every image; target: the mean fused logit in the predicted region).")
+            return panels, notes
+        with self.lock:
+            cams = mean_cams([library_cams(model, tensor, prompt, method, switches) for model in
+                              self.predictor.models])
+        panels = [None if cam is None else render.heat_panel(view, cam, "jet", 0.5, "per-image max", "min")
+                  for cam in cams]
+        notes = {name: (f"{method} (pytorch-grad-cam), min-max normalised per image: shows where, not how much; "
+                        f"not comparable across images." if getattr(cams, name) is not None else
+                        "This model has no such stream.") for name in streams}
+        return panels, notes
 
     def _verdict(self, prompt: str, probability: np.ndarray, mask: np.ndarray, loaded: LoadedImage,
                  threshold: float, spread_inside: float | None) -> str:
@@ -348,15 +557,16 @@ class DemoSession:
             maps = [ffbi_attention(model, tensor, prompt, *_token(x, y, height, width)) for model in
                     self.predictor.models]
         row, col = _token(x, y, height, width)
-        panels = []
+        panels, peaks = [], []
         for direction in ("semantic_to_frequency", "frequency_to_semantic"):
-            attention = np.mean([getattr(m, direction) for m in maps], axis=0)
-            peak = max(float(attention.max()), 1e-12)
-            panel = render.heat_overlay(view, attention / peak, "jet", 0.5)
-            panels.append(render.with_colorbar(render.mark(panel, x, y), "jet", f"weight {peak:.3f}", "0"))
+            ratio = attention_ratio(np.mean([getattr(m, direction) for m in maps], axis=0))
+            peaks.append(float(ratio.max()))
+            panels.append(render.mark(render.ratio_panel(view, ratio), x, y))
         grid = 14
         caption = (f"Token (row {row}, col {col}) of the {grid}x{grid} bottleneck. Left: where the semantic token "
-                   f"reads in the frequency stream; right: where the frequency token reads in the semantic stream.")
+                   f"reads in the frequency stream, **max ratio {peaks[0]:.2f}** × uniform (weight "
+                   f"{peaks[0] / GRID_TOKENS:.4f} vs 1/{GRID_TOKENS} = {1 / GRID_TOKENS:.4f}); right: where the "
+                   f"frequency token reads in the semantic stream, **max ratio {peaks[1]:.2f}** × uniform.")
         return panels[0], panels[1], caption
 
     def segment(self, path: str | Path, prompt: str, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -380,6 +590,10 @@ def _token(x: float, y: float, height: int, width: int, grid: int = 14) -> tuple
     row = min(grid - 1, max(0, int(y / height * grid)))
     col = min(grid - 1, max(0, int(x / width * grid)))
     return row, col
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _require(loaded: LoadedImage | None) -> LoadedImage:
@@ -464,5 +678,16 @@ def load_session(checkpoints: Sequence[str | Path] | None = None, backbone: str 
                          f"{DEFAULT_BACKBONE[len('local-dir:'):]}; pass --backbone local-dir:PATH or "
                          f"hf-hub:ID") from error
     limits = limits or Limits()
-    return DemoSession(Predictor(models, device=device, dtype=dtype, max_pixels=limits.max_pixels), limits)
+    return DemoSession(Predictor(models, device=device, dtype=dtype, max_pixels=limits.max_pixels), limits,
+                       domain_reference=find_domain_reference(models[0].clip_backbone.weights_sha256),
+                       available=available_models())
+
+
+def find_domain_reference(backbone_sha256: str, root: Path = DOMAIN_REFERENCES) -> DomainReference | None:
+    """The domain reference (``root/*.safetensors``) built on this backbone's features, if any."""
+    for path in sorted(Path(root).glob("*.safetensors")) if Path(root).is_dir() else []:
+        reference = DomainReference.load(path)
+        if reference.backbone_sha256 == backbone_sha256:
+            return reference
+    return None
 
