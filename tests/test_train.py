@@ -129,6 +129,9 @@ def test_validation_grouped_by_image_counts_every_record_once_and_scores_like_on
     for shard in shards:
         for group in shard.groups:
             assert len({val_set.records[i].image for i in group}) == 1
+    capped = trainer.ImageGroups.of(val_set, max_prompts=2)             # a forward never exceeds --batch-size
+    assert max(len(g) for g in capped.groups) == 2
+    assert sorted(i for g in capped.groups for i in g) == list(range(len(val_set)))
 
     args = trainer.parse_args(["--config", str(REPO_ROOT / "train/configs/mini.yaml")])
     torch.manual_seed(0)

@@ -201,12 +201,15 @@ class ImageGroups(Dataset):
         self.dataset, self.groups = dataset, [list(g) for g in groups]
 
     @classmethod
-    def of(cls, dataset: SegmentationDataset, rank: int = 0, world: int = 1) -> ImageGroups:
-        """This rank's strided share of the images (every record exactly once over all ranks, none padded)."""
+    def of(cls, dataset: SegmentationDataset, rank: int = 0, world: int = 1, max_prompts: int = 0) -> ImageGroups:
+        """This rank's strided share of the images (every record exactly once over all ranks, none padded); an
+        image with more than ``max_prompts`` records (0: no limit) is split into items of at most that many."""
         by_image: dict[str, list[int]] = {}
         for index, record in enumerate(dataset.records):
             by_image.setdefault(record.image, []).append(index)
-        return cls(dataset, list(by_image.values())[rank::world])
+        size = max_prompts if max_prompts > 0 else len(dataset)
+        groups = [g[i:i + size] for g in by_image.values() for i in range(0, len(g), size)]
+        return cls(dataset, groups[rank::world])
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -387,7 +390,8 @@ def set_up(args: argparse.Namespace, command: list[str], rank: int, world: int, 
         if args.balanced else DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
     loader = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
-    val_loader = DataLoader(ImageGroups.of(val_set, rank, world), batch_size=None, num_workers=args.workers)
+    val_loader = DataLoader(ImageGroups.of(val_set, rank, world, max_prompts=args.batch_size), batch_size=None,
+                            num_workers=args.workers)
     prompts = sorted({p for r in train_set.records + val_set.records for p in r.prompts})
     with torch.no_grad():
         for prompt in prompts:

@@ -497,9 +497,10 @@ class DemoSession:
         or a pytorch-grad-cam method (min-max per image)."""
         streams = ("semantic", "frequency")
         present = {name: getattr(fast, name) is not None for name in streams}
-        if not explained:
-            lines = [EMPTY_EXPLANATION, f"(no pixel reaches p >= {threshold:.2f})"]
-            note = f"**{EMPTY_EXPLANATION}** (no pixel reaches p ≥ {threshold:.2f}); no heat map is drawn."
+        if not explained or fast.empty:   # fast.empty: no member predicts p > 0.5, the Grad-CAM target's region
+            lines = [EMPTY_EXPLANATION, f"(no pixel reaches p >= {max(threshold, 0.5) if explained else threshold:.2f})"]
+            note = (f"**{EMPTY_EXPLANATION}** (no pixel reaches p ≥ {max(threshold, 0.5) if explained else threshold:.2f}); "
+                    f"no heat map is drawn.")
             return ([render.notice_panel(view, lines) if present[n] else None for n in streams],
                     {n: note if present[n] else "This model has no such stream." for n in streams})
         if method == FAST_GRADCAM:

@@ -40,8 +40,8 @@ from freqmedclip.modeling.backbone import ClipBackbone
 
 # The caption style of ``train.pretrain_clip.DOMAIN_PROMPTS``, by dataset name (phantom and real sources).
 DOMAIN_CAPTIONS = {"brain": "brain MRI", "brats": "brain MRI", "lgg": "brain MRI", "breast": "mammogram",
-                   "cbis_ddsm": "mammogram", "bus_bra": "breast ultrasound", "lung": "lung CT", "luna16": "lung CT",
-                   "lidc_idri": "lung CT", "shapes": "shapes"}
+                   "cbis_ddsm": "mammogram", "busbra": "breast ultrasound", "lung": "lung CT", "luna16": "lung CT",
+                   "lidc": "lung CT", "shapes": "shapes"}
 MARGIN = 1.1
 
 

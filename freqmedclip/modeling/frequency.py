@@ -100,6 +100,8 @@ class FrequencyEncoder(nn.Module):
 
     def stem(self, image: Tensor) -> Tensor:
         """ConvNeXt stem on the Haar sub-bands, ``stem(subband_input(image))``: (B, C, 224, 224) -> (B, C_s, 112, 112)."""
+        if image.shape[-2] % 2 or image.shape[-1] % 2:
+            raise ValueError(f"the Haar DWT needs even height and width, got {image.shape[-2]}x{image.shape[-1]}")
         conv, *rest = self.convnext.stem
         x = F.conv2d(image, haar_stem_kernel(conv.weight, image.shape[1]), conv.bias, stride=2)
         for layer in rest:

@@ -200,6 +200,10 @@ def parse_converter_args(parser: argparse.ArgumentParser, argv: Sequence[str] | 
     return args
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)   # read once at import (os.umask can only be read by setting it)
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write ``data`` (str as UTF-8) to a temp file next to ``path``, then move it into place: never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +211,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp creates 0600; a shared --out must stay readable
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

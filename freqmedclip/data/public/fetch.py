@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import http.client
 import sys
 import urllib.error
 import urllib.request
@@ -115,18 +116,24 @@ def read_verified(path: Path | str, entry: LockedFile) -> bytes:
     return data
 
 
-def _download(entry: LockedFile, cache: Path) -> str | None:
+def _download(entry: LockedFile, cache: Path, first: bool = False) -> str | None:
     """Download one file into the cache (atomic, verified). Returns None or the reason it failed.
 
-    Raises NoNetwork when the host cannot be reached at all."""
+    Raises NoNetwork when the ``first`` download cannot reach the host at all; later ones (the network worked)
+    report a timeout, reset or short read as that file's failure, after one retry."""
     target = cache / entry.key
-    try:
-        with urllib.request.urlopen(entry.url, timeout=TIMEOUT_S) as response:
-            data = response.read()
-    except urllib.error.HTTPError as e:
-        return f"{entry.url}: HTTP {e.code} {e.reason}"
-    except (urllib.error.URLError, OSError) as e:  # DNS failure, refused, timeout: no network
-        raise NoNetwork(str(getattr(e, "reason", e))) from e
+    for attempt in range(2):
+        try:
+            with urllib.request.urlopen(entry.url, timeout=TIMEOUT_S) as response:
+                data = response.read()
+            break
+        except urllib.error.HTTPError as e:
+            return f"{entry.url}: HTTP {e.code} {e.reason}"
+        except (OSError, http.client.HTTPException) as e:  # URLError is an OSError: DNS, refused, timeout, reset
+            if first and isinstance(e, OSError):
+                raise NoNetwork(str(getattr(e, "reason", e))) from e
+            if attempt:
+                return f"{entry.url}: {getattr(e, 'reason', e)}"
     try:
         check_bytes(data, entry, entry.url)
     except CaseError as e:
@@ -151,7 +158,7 @@ def fetch(entries: Sequence[LockedFile], cache: Path, threads: int = 8) -> dict[
     failures: dict[str, str] = {}
     if not todo:
         return failures
-    first = _download(todo[0], cache)  # alone: a machine without network fails here, once
+    first = _download(todo[0], cache, first=True)  # alone: a machine without network fails here, once
     if first:
         failures[todo[0].key] = first
     with ThreadPoolExecutor(threads) as pool, tqdm(total=len(todo), initial=1, desc="download", unit="file") as bar:
