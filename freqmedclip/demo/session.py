@@ -567,7 +567,8 @@ class DemoSession:
         caption = (f"Token (row {row}, col {col}) of the {grid}x{grid} bottleneck. Left: where the semantic token "
                    f"reads in the frequency stream, **max ratio {peaks[0]:.2f}** × uniform (weight "
                    f"{peaks[0] / GRID_TOKENS:.4f} vs 1/{GRID_TOKENS} = {1 / GRID_TOKENS:.4f}); right: where the "
-                   f"frequency token reads in the semantic stream, **max ratio {peaks[1]:.2f}** × uniform.")
+                   f"frequency token reads in the semantic stream, **max ratio {peaks[1]:.2f}** × uniform. The full model's "
+                   f"attention: the Frequency stream / FFBI / FiLM switches do not apply here.")
         return panels[0], panels[1], caption
 
     def segment(self, path: str | Path, prompt: str, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, dict]:
