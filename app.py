@@ -24,6 +24,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from freqmedclip.demo.session import (  # noqa: E402
+    BAND_TITLES,
     CAM_METHODS,
     CONTROL_PROMPT,
     FAST_GRADCAM,
@@ -42,7 +43,6 @@ from freqmedclip.inference import DEFAULT_MAX_PIXELS, MODALITIES, InputError, Pr
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 ALTERNATIVE_PROMPTS = ("lesion", "normal tissue", "background")
-BANDS = {"LL": "LL: local mean", "LH": "LH: horizontal edges", "HL": "HL: vertical edges", "HH": "HH: diagonal detail"}
 PRIVATE = {"api_visibility": "private"}  # UI events; the one public endpoint is /segment
 
 
@@ -107,7 +107,7 @@ def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
                            progress=lambda fraction, message: progress(fraction, desc=message))
         return (p.overlay, p.verdict, p.domain_note, p.probability, p.uncertainty, p.cam_semantic, p.cam_frequency,
                 p.cam_notes.get("semantic", ""), p.cam_notes.get("frequency", ""),
-                *(p.subbands[band] for band in BANDS), p.branches.get("semantic"), p.branches.get("frequency"),
+                *(p.subbands[band] for band in BAND_TITLES), p.branches.get("semantic"), p.branches.get("frequency"),
                 *bench_outputs(p.workbench), [str(path) for path in p.exports],
                 " · ".join(f"{k} {v:.0f} ms" for k, v in p.timings_ms.items()), None, "Click a location on the "
                 "input image.", None)
@@ -189,7 +189,8 @@ def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
                                     image("Frequency branch σ(L_f)", "branch-frequency")]
                     gr.Markdown(PANEL_NOTES["branches"], elem_classes=["panel-note"], elem_id="branches-note")
                     with gr.Row():
-                        subbands = [gr.Image(show_label=False, format="png", elem_id=f"band-{band}") for band in BANDS]
+                        subbands = [gr.Image(show_label=False, format="png", elem_id=f"band-{band}")
+                                    for band in BAND_TITLES]
                     gr.Markdown(PANEL_NOTES["subbands"], elem_classes=["panel-note"], elem_id="subbands-note")
                 with gr.Tab("Prompt workbench"):
                     bench_text = gr.Textbox(label=f"Prompts (one per line, at most {MAX_PROMPTS})", lines=4,

@@ -377,7 +377,8 @@ def set_up(args: argparse.Namespace, command: list[str], rank: int, world: int, 
                          "them with `hf download timm/convnext_tiny.in12k_ft_in1k model.safetensors`, pass "
                          "--frequency-weights FILE, or --frequency-weights none to train it from scratch")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)  # one kernel, not a loop
+    # fused: one kernel for all parameters instead of a Python loop over them
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.t_max)
     amp = precision.resolve(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")

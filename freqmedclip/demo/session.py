@@ -498,9 +498,9 @@ class DemoSession:
         streams = ("semantic", "frequency")
         present = {name: getattr(fast, name) is not None for name in streams}
         if not explained or fast.empty:   # fast.empty: no member predicts p > 0.5, the Grad-CAM target's region
-            lines = [EMPTY_EXPLANATION, f"(no pixel reaches p >= {max(threshold, 0.5) if explained else threshold:.2f})"]
-            note = (f"**{EMPTY_EXPLANATION}** (no pixel reaches p ≥ {max(threshold, 0.5) if explained else threshold:.2f}); "
-                    f"no heat map is drawn.")
+            level = max(threshold, 0.5) if explained else threshold
+            lines = [EMPTY_EXPLANATION, f"(no pixel reaches p >= {level:.2f})"]
+            note = f"**{EMPTY_EXPLANATION}** (no pixel reaches p ≥ {level:.2f}); no heat map is drawn."
             return ([render.notice_panel(view, lines) if present[n] else None for n in streams],
                     {n: note if present[n] else "This model has no such stream." for n in streams})
         if method == FAST_GRADCAM:
@@ -567,8 +567,8 @@ class DemoSession:
         caption = (f"Token (row {row}, col {col}) of the {grid}x{grid} bottleneck. Left: where the semantic token "
                    f"reads in the frequency stream, **max ratio {peaks[0]:.2f}** × uniform (weight "
                    f"{peaks[0] / GRID_TOKENS:.4f} vs 1/{GRID_TOKENS} = {1 / GRID_TOKENS:.4f}); right: where the "
-                   f"frequency token reads in the semantic stream, **max ratio {peaks[1]:.2f}** × uniform. The full model's "
-                   f"attention: the Frequency stream / FFBI / FiLM switches do not apply here.")
+                   f"frequency token reads in the semantic stream, **max ratio {peaks[1]:.2f}** × uniform. The full "
+                   f"model's attention: the Frequency stream / FFBI / FiLM switches do not apply here.")
         return panels[0], panels[1], caption
 
     def segment(self, path: str | Path, prompt: str, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -137,6 +137,11 @@ def build_reference(backbone: ClipBackbone, train: Mapping[str, Tensor], validat
     """train / validation: {domain: (N, 3, 224, 224) images in [0, 1]}; the threshold is MARGIN times the
     largest distance of a validation image to its own domain."""
     domains = tuple(sorted(train))
+    missing = sorted(set(domains) - {d for d, images in validation.items() if len(images)})
+    unknown = sorted(set(validation) - set(domains))
+    if missing or unknown:   # the threshold comes from validation images of every training domain, and only those
+        raise ValueError(f"a domain reference needs validation images of every training domain and no other: "
+                         f"missing {missing}, not in train {unknown}")
     stats = {d: torch.cat([token_statistics(backbone, chunk) for chunk in train[d].split(16)]).numpy()
              for d in domains}
     mean = np.stack([stats[d].mean(0) for d in domains]).astype(np.float32)
