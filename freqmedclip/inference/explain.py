@@ -208,15 +208,18 @@ class DecodeFromBottleneck(nn.Module):
                                      switches=self.switches).logits
 
 
+# Display name -> pytorch-grad-cam class name: one table for the demo's choices and for the lazy import.
+_LIBRARY_CAM_CLASSES = {"Grad-CAM (pytorch-grad-cam)": "GradCAM", "HiResCAM": "HiResCAM",
+                        "Grad-CAM++": "GradCAMPlusPlus", "XGrad-CAM": "XGradCAM", "LayerCAM": "LayerCAM",
+                        "EigenCAM": "EigenCAM"}
+LIBRARY_CAM_METHODS = tuple(_LIBRARY_CAM_CLASSES)
+
+
 def cam_methods() -> dict[str, type]:
     """The pytorch-grad-cam methods the demo offers, by display name (imported on first use)."""
-    from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+    import pytorch_grad_cam
 
-    return {"Grad-CAM (pytorch-grad-cam)": GradCAM, "HiResCAM": HiResCAM, "Grad-CAM++": GradCAMPlusPlus,
-            "XGrad-CAM": XGradCAM, "LayerCAM": LayerCAM, "EigenCAM": EigenCAM}
-
-
-LIBRARY_CAM_METHODS = ("Grad-CAM (pytorch-grad-cam)", "HiResCAM", "Grad-CAM++", "XGrad-CAM", "LayerCAM", "EigenCAM")
+    return {name: getattr(pytorch_grad_cam, cls) for name, cls in _LIBRARY_CAM_CLASSES.items()}
 
 
 def library_cams(model: FreqMedCLIP, image: Tensor, prompt: str, method: str,
