@@ -3,6 +3,9 @@
     python app.py [--checkpoint DIR ...] [--backbone local-dir:PATH|hf-hub:ID] [--device cpu|cuda] [--port N]
                   [--max-upload-mb N] [--max-pixels N]
 
+Opens on the first model set of ``freqmedclip.demo.session.MODEL_SETS`` that holds checkpoints (the real-data
+ensemble, else the phantoms), or on ``--checkpoint``; the "Models" selector switches sets per browser tab.
+
 API: ``Client(url).predict(handle_file("scan.dcm"), "lung nodule", api_name="/segment")`` -> (mask PNG,
 overlay PNG, info dict).
 """
@@ -18,7 +21,7 @@ import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from functools import wraps  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any
+from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -32,12 +35,13 @@ from freqmedclip.demo.session import (  # noqa: E402
     MAX_PROMPTS,
     PANEL_NOTES,
     DemoSession,
+    ModelSets,
     SetupError,
     Workbench,
     controls_for,
-    load_examples,
-    load_session,
+    open_model_sets,
 )
+from freqmedclip.demo.examples import credits_line, load_examples  # noqa: E402
 from freqmedclip.demo.uploads import AUTO_WINDOW, AXIS_NAMES, WINDOW_CHOICES, Limits, LoadedImage  # noqa: E402
 from freqmedclip.inference import DEFAULT_MAX_PIXELS, MODALITIES, InputError, Predictor, PromptError, Switches  # noqa: E402
 
@@ -70,9 +74,12 @@ def bench_outputs(bench: Workbench | None) -> tuple:
     return bench.gallery, *tables, bench.summary()
 
 
-def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
-    """The UI around a session (tests inject one built from small models)."""
-    session = session if isinstance(session, DemoSession) else DemoSession(session)
+def build_demo(models: ModelSets | DemoSession | Predictor) -> gr.Blocks:
+    """The UI around the model sets (tests inject one session built from small models)."""
+    if isinstance(models, Predictor):
+        models = DemoSession(models)
+    sets = models if isinstance(models, ModelSets) else ModelSets.single(models)
+    default = sets.default          # serves uploads' limits (the same for every set) and the /segment API
 
     def cleared(message: str = "") -> tuple:
         """Every output of run() emptied (in run_outputs' order), ``message`` in the verdict: a new upload or an
@@ -84,10 +91,10 @@ def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
         if not file:
             return None, "", gr.Slider(visible=False), None, gr.update(visible=False), gr.update(visible=False)
         index = None if slice_index is None else int(slice_index)
-        loaded = session.load(file, modality, window, index, AXIS_NAMES.index(axis))
+        loaded = default.load(file, modality, window, index, AXIS_NAMES.index(axis))
         slider = gr.Slider(maximum=max(loaded.n_slices - 1, 1), value=loaded.slice_index, visible=loaded.n_slices > 1)
         show_window, show_axis = controls_for(loaded)
-        return (session.view(loaded), loaded.describe(), slider, loaded, gr.update(visible=show_window),
+        return (default.view(loaded), loaded.describe(), slider, loaded, gr.update(visible=show_window),
                 gr.update(visible=show_axis))
 
     def load(*args: Any) -> tuple:
@@ -99,12 +106,12 @@ def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
             return (None, f"**Cannot read this file:** {error}", gr.Slider(visible=False), None,
                     gr.update(visible=False), gr.update(visible=False), *cleared())
 
-    def run_update(loaded: LoadedImage | None, prompt: str, bench_text: str, control: str, threshold: float,
-                   frequency: bool, ffbi: bool, film: bool, cam_method: str,
+    def run_update(active: str, loaded: LoadedImage | None, prompt: str, bench_text: str, control: str,
+                   threshold: float, frequency: bool, ffbi: bool, film: bool, cam_method: str,
                    progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
-        p = session.update(loaded, prompt, threshold=threshold, switches=Switches(frequency, ffbi, film),
-                           workbench_prompts=bench_text, control=control, cam_method=cam_method,
-                           progress=lambda fraction, message: progress(fraction, desc=message))
+        p = sets.get(active).update(loaded, prompt, threshold=threshold, switches=Switches(frequency, ffbi, film),
+                                    workbench_prompts=bench_text, control=control, cam_method=cam_method,
+                                    progress=lambda fraction, message: progress(fraction, desc=message))
         return (p.overlay, p.verdict, p.domain_note, p.probability, p.uncertainty, p.cam_semantic, p.cam_frequency,
                 p.cam_notes.get("semantic", ""), p.cam_notes.get("frequency", ""),
                 *(p.subbands[band] for band in BAND_TITLES), p.branches.get("semantic"), p.branches.get("frequency"),
@@ -114,35 +121,48 @@ def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
 
     run = readable(run_update, cleared)
 
-    def compare_prompts(loaded: LoadedImage | None, prompt: str, bench_text: str, control: str, threshold: float,
-                        frequency: bool, ffbi: bool, film: bool) -> tuple:
-        return bench_outputs(session.workbench(loaded, bench_text, control, threshold, Switches(frequency, ffbi, film),
-                                               main_prompt=prompt))
+    def compare_prompts(active: str, loaded: LoadedImage | None, prompt: str, bench_text: str, control: str,
+                        threshold: float, frequency: bool, ffbi: bool, film: bool) -> tuple:
+        return bench_outputs(sets.get(active).workbench(loaded, bench_text, control, threshold,
+                                                        Switches(frequency, ffbi, film), main_prompt=prompt))
 
     compare = readable(compare_prompts, lambda message: ([], None, None, message))
 
-    def explore_token(loaded: LoadedImage | None, prompt: str, evt: gr.SelectData) -> tuple:
-        return session.explore(loaded, prompt, *evt.index[:2])
+    def explore_token(active: str, loaded: LoadedImage | None, prompt: str, evt: gr.SelectData) -> tuple:
+        return sets.get(active).explore(loaded, prompt, *evt.index[:2])
 
     explore = readable(explore_token, lambda message: (None, None, message))
 
     @readable
     def segment(file: str, prompt: str) -> tuple:
-        return session.segment(file, prompt)
+        return default.segment(file, prompt)
+
+    def switch_models(name: str, active: str) -> tuple:
+        """The selector changed: serve that set in this tab (previous results cleared, they came from the other
+        models); when it cannot load, keep serving the old one and say why, leaving the panels as they are."""
+        serving, message = sets.switch(name, active)
+        if serving != name:
+            return (serving, gr.update(value=serving), gr.skip(), message, *(gr.skip() for _ in run_outputs))
+        return serving, gr.skip(), sets.get(serving).header(), message, *cleared()
 
     def image(label: str, elem_id: str) -> gr.Image:
         return gr.Image(label=label, format="png", elem_id=elem_id)
 
     with gr.Blocks(title="FreqMedCLIP", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# FreqMedCLIP: text-guided segmentation with a semantic and a frequency stream\n"
-                    f"{session.n_members} checkpoint(s). Upload PNG, JPEG, TIFF, DICOM or NIfTI, type what to "
-                    "segment, press **Segment**. Click the input image to explore FFBI attention.")
-        gr.Markdown(session.header(), elem_id="training-data")
+                    "Upload PNG, JPEG, TIFF, DICOM or NIfTI, type what to segment, press **Segment**. Click the "
+                    "input image to explore FFBI attention.")
+        with gr.Row():
+            model_choice = gr.Dropdown(sets.names, value=sets.initial, label="Models", scale=1, elem_id="models")
+            with gr.Column(scale=3):
+                header = gr.Markdown(default.header(), elem_id="training-data")
+                model_status = gr.Markdown(elem_id="model-status")
+        active = gr.State(sets.initial)     # the set serving this tab (the selector may show a failed choice)
         examples = load_examples(EXAMPLES_DIR)
-        example_gallery = gr.Gallery([(path, f"{Path(path).stem.split('_')[0]}: {text}") for path, text in examples],
-                                     label="Examples (click one)", columns=8, fit_columns=False, height=190,
-                                     object_fit="contain", allow_preview=False, interactive=False, format="png",
-                                     elem_id="examples")
+        example_gallery = gr.Gallery([(e.path, e.label) for e in examples], label="Examples (click one)", columns=8,
+                                     fit_columns=False, height=190, object_fit="contain", allow_preview=False,
+                                     interactive=False, format="png", elem_id="examples")
+        gr.Markdown(credits_line(examples), elem_id="example-credits")
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
@@ -157,7 +177,8 @@ def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
                 axis = gr.Radio(list(AXIS_NAMES), value=AXIS_NAMES[2], label="NIfTI axis", visible=False,
                                 elem_id="nifti-axis")
                 slice_index = gr.Slider(0, 1, step=1, label="Slice / frame", visible=False)
-                prompt = gr.Textbox(label="Prompt", value="whole tumour", elem_id="prompt")
+                first_prompt = examples[0].prompt if examples else "whole tumour"   # the gallery's first example
+                prompt = gr.Textbox(label="Prompt", value=first_prompt, elem_id="prompt")
                 threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Mask threshold")
                 with gr.Row():
                     switches = [gr.Checkbox(True, label=name) for name in ("Frequency stream", "FFBI", "FiLM")]
@@ -194,7 +215,7 @@ def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
                     gr.Markdown(PANEL_NOTES["subbands"], elem_classes=["panel-note"], elem_id="subbands-note")
                 with gr.Tab("Prompt workbench"):
                     bench_text = gr.Textbox(label=f"Prompts (one per line, at most {MAX_PROMPTS})", lines=4,
-                                            value="\n".join(["whole tumour", *ALTERNATIVE_PROMPTS]))
+                                            value="\n".join([first_prompt, *ALTERNATIVE_PROMPTS]))
                     control = gr.Textbox(label="Control (nonsense) prompt", value=CONTROL_PROMPT)
                     compare_button = gr.Button("Compare prompts")
                     reliance = gr.Markdown(elem_id="reliance")
@@ -209,8 +230,8 @@ def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
                     gr.Markdown(PANEL_NOTES["ffbi"], elem_classes=["panel-note"], elem_id="ffbi-note")
 
         def pick_example(evt: gr.SelectData) -> tuple:
-            path, text = examples[evt.index]
-            return path, text, "\n".join([text, *ALTERNATIVE_PROMPTS])
+            example = examples[evt.index]
+            return example.path, example.prompt, "\n".join([example.prompt, *ALTERNATIVE_PROMPTS])
 
         example_gallery.select(pick_example, None, [file, prompt, bench_text], **PRIVATE)
         run_outputs = [overlay, verdict, domain_warning, probability, uncertainty, *cams, *cam_notes, *subbands,
@@ -222,11 +243,13 @@ def build_demo(session: DemoSession | Predictor) -> gr.Blocks:
             trigger(lambda *a: load(*a[:3], None, a[4]), load_inputs, load_outputs, **PRIVATE)
         for trigger in (modality.input, window.input, slice_index.release):
             trigger(load, load_inputs, load_outputs, **PRIVATE)
-        run_button.click(run, [state, prompt, bench_text, control, threshold, *switches, cam_method], run_outputs,
-                         **PRIVATE)
-        compare_button.click(compare, [state, prompt, bench_text, control, threshold, *switches],
+        run_button.click(run, [active, state, prompt, bench_text, control, threshold, *switches, cam_method],
+                         run_outputs, **PRIVATE)
+        compare_button.click(compare, [active, state, prompt, bench_text, control, threshold, *switches],
                              [bench_gallery, iou, stats, reliance], **PRIVATE)
-        preview.select(explore, [state, prompt], [*attention, explore_caption], **PRIVATE)
+        preview.select(explore, [active, state, prompt], [*attention, explore_caption], **PRIVATE)
+        model_choice.input(switch_models, [model_choice, active], [active, model_choice, header, model_status,
+                                                                   *run_outputs], **PRIVATE)
 
         api_inputs = [gr.File(label="image", visible=False), gr.Textbox(label="prompt", visible=False)]
         api_outputs = [gr.Image(label=name, visible=False, format="png") for name in ("mask", "overlay")]
@@ -240,9 +263,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="FreqMedCLIP Gradio demo")
     parser.add_argument("--checkpoint", nargs="+", default=os.environ.get("FREQMEDCLIP_CHECKPOINT", "").split() or None,
                         help="checkpoint folders or hf-hub:OWNER/REPO/SUBFOLDER (an ensemble); default: "
-                             "$FREQMEDCLIP_CHECKPOINT (space-separated), else assets/checkpoints/*/")
+                             "$FREQMEDCLIP_CHECKPOINT (space-separated), else the first model set holding "
+                             "checkpoints: assets/public/checkpoints/*/, assets/phantom/checkpoints/*/ (the page's "
+                             "Models selector offers the others)")
     parser.add_argument("--backbone", default=os.environ.get("FREQMEDCLIP_BACKBONE"),
-                        help="local-dir:PATH | hf-hub:ID (default: $FREQMEDCLIP_BACKBONE, else the checkpoints')")
+                        help="local-dir:PATH | hf-hub:ID for the initial checkpoints (default: "
+                             "$FREQMEDCLIP_BACKBONE, else the checkpoints')")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--port", type=int, default=None, help="default: 7860 or $GRADIO_SERVER_PORT")
@@ -257,10 +283,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     limits = Limits(max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels)
     try:
-        session = load_session(args.checkpoint, args.backbone, args.device, args.dtype, limits)
+        models = open_model_sets(args.checkpoint, args.backbone, args.device, args.dtype, limits)
     except SetupError as error:
         sys.exit(f"FreqMedCLIP demo cannot start:\n{error}")
-    demo = build_demo(session)
+    demo = build_demo(models)
     demo.queue(default_concurrency_limit=args.concurrency)
     demo.launch(server_port=args.port, allowed_paths=[str(EXAMPLES_DIR)], max_file_size=int(args.max_upload_mb * 2**20),
                 show_error=True, ssr_mode=False, footer_links=["api", "gradio"])

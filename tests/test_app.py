@@ -17,7 +17,8 @@ gr = pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
 import app  # noqa: E402
-from freqmedclip.demo.session import SetupError, load_session  # noqa: E402
+from freqmedclip.demo.examples import load_examples  # noqa: E402
+from freqmedclip.demo.session import SetupError, load_session, open_model_sets  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +113,13 @@ def test_no_arbitrary_file_is_readable(served):
 def test_python_app_without_checkpoints_exits_with_instructions(tmp_path, monkeypatch, capsys):
     import freqmedclip.demo.session
 
-    monkeypatch.setattr(freqmedclip.demo.session, "DEFAULT_CHECKPOINTS", tmp_path / "none-here")
+    monkeypatch.setattr(freqmedclip.demo.session, "MODEL_SETS", {"real": tmp_path / "public" / "checkpoints",
+                                                                  "phantom": tmp_path / "phantom" / "checkpoints"})
     with pytest.raises(SystemExit) as exit_info:
         app.main([])
     message = str(exit_info.value.code)
-    assert "No FreqMedCLIP checkpoint found" in message and "--checkpoint DIR" in message
+    assert "No FreqMedCLIP checkpoint found in" in message and "--checkpoint DIR" in message
+    assert str(tmp_path / "public" / "checkpoints") in message and str(tmp_path / "phantom" / "checkpoints") in message
     assert "train.train" in message and "Traceback" not in message
     with pytest.raises(SystemExit, match="no config.json"):
         app.main(["--checkpoint", str(tmp_path)])
@@ -141,3 +144,36 @@ def test_checkpoints_from_the_hub_cache(served, tmp_path, monkeypatch, mini_back
     assert session.n_members == 1
     with pytest.raises(SetupError, match="could not fetch"):
         load_session(["hf-hub:someone/not-there/seed0"])
+
+
+def _component(demo, elem_id: str) -> dict:
+    return next(c["props"] for c in demo.config["components"] if c["props"].get("elem_id") == elem_id)
+
+
+def test_page_offers_the_model_sets_and_switches_them(tmp_path, mini_backbone):
+    """The Models selector lists every set, opens on the first holding checkpoints, and its handler swaps the header
+    (a failed set keeps the old one serving, with the reason); the gallery credits the real examples."""
+    sets = {"Real": tmp_path / "public" / "checkpoints", "Phantoms": tmp_path / "phantom" / "checkpoints",
+            "Missing": tmp_path / "missing" / "checkpoints"}
+    make_checkpoints(sets["Phantoms"], mini_backbone, seeds=(0,))
+    models = open_model_sets(sets=sets)
+    demo = app.build_demo(models)
+    selector = _component(demo, "models")
+    assert [choice[0] for choice in selector["choices"]] == ["Real", "Phantoms", "Missing"]
+    assert selector["value"] == "Phantoms"                             # no real checkpoints in this clone
+    credits = _component(demo, "example-credits")["value"]
+    assert "CC BY-NC-SA 4.0" in credits and "CC BY 3.0" in credits and "BUS-BRA licence" in credits
+    captions = [item["caption"] for item in _component(demo, "examples")["value"]]
+    assert captions == ["real brain MRI (lgg): brain tumour", "real breast ultrasound (busbra): breast lesion",
+                        "real lung CT (lidc): lung nodule", "phantom brain: whole tumour",
+                        "phantom breast: breast mass", "phantom lung: lung nodule"]
+    switch = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "switch_models")
+    failed = switch("Missing", "Phantoms")
+    assert failed[0] == "Phantoms" and "Could not load Missing" in failed[3]
+    assert failed[1]["value"] == "Phantoms"                            # the selector goes back
+    make_checkpoints(sets["Real"], mini_backbone, seeds=(1,))
+    done = switch("Real", "Phantoms")
+    assert done[0] == "Real" and "Now serving **Real**" in done[3] and done[2] == models.get("Real").header()
+    assert done[5] == "" and done[4] is None                           # verdict and fused mask cleared
+    shown = [item["image"]["orig_name"] for item in _component(demo, "examples")["value"]]
+    assert shown == [e.path.rsplit("/", 1)[1] for e in load_examples(app.EXAMPLES_DIR)]   # examples.json's order

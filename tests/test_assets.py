@@ -14,12 +14,20 @@ from safetensors import safe_open
 
 from freqmedclip.modeling.backbone import sha256_file
 from freqmedclip.inference.checkpoint import read_checkpoint_header
-from freqmedclip.demo.session import find_checkpoints, load_session
+from freqmedclip.demo.session import (
+    MODEL_SETS,
+    PHANTOM_MODELS,
+    REAL_MODELS,
+    default_model_set,
+    find_checkpoints,
+    load_session,
+)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BACKBONE = ASSETS / "backbones" / "mini-clip"
-ENSEMBLE = sorted((ASSETS / "checkpoints").glob("*/config.json"))
-BASELINES = sorted((ASSETS / "baselines").glob("*/config.json"))
+ENSEMBLE = sorted((ASSETS / "phantom" / "checkpoints").glob("*/config.json"))
+REAL_ENSEMBLE = sorted((ASSETS / "public" / "checkpoints").glob("*/config.json"))
+BASELINES = sorted((ASSETS / "phantom" / "baselines").glob("*/config.json"))
 EXAMPLES = json.loads((ASSETS / "examples" / "examples.json").read_text())
 SIZE_BUDGET_MB = 60
 
@@ -61,23 +69,37 @@ def test_checkpoint_is_tied_to_the_shipped_backbone_and_documented(config):
     assert (config.parent / "metrics.jsonl").is_file()
 
 
-def test_demo_default_is_the_three_seed_ensemble():
-    variants = [read_checkpoint_header(c.parent)["config"]["variant"] for c in ENSEMBLE]
-    seeds = [read_checkpoint_header(c.parent)["metadata"]["args"]["seed"] for c in ENSEMBLE]
-    assert find_checkpoints() == [c.parent for c in ENSEMBLE]
-    assert variants == ["full"] * 3 and seeds == [0, 1, 2]
+def test_demo_default_is_the_real_three_seed_ensemble_and_the_phantoms_stay_a_choice():
+    assert default_model_set() == REAL_MODELS and find_checkpoints() == [c.parent for c in REAL_ENSEMBLE]
+    assert find_checkpoints(MODEL_SETS[PHANTOM_MODELS]) == [c.parent for c in ENSEMBLE]
+    for ensemble in (REAL_ENSEMBLE, ENSEMBLE):
+        variants = [read_checkpoint_header(c.parent)["config"]["variant"] for c in ensemble]
+        seeds = [read_checkpoint_header(c.parent)["metadata"]["args"]["seed"] for c in ensemble]
+        assert variants == ["full"] * 3 and seeds == [0, 1, 2]
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_session()
+    """Each set's session, loaded on first use (the real examples go to the real set, the phantoms' to theirs)."""
+    sessions = {}
+
+    def get(name: str):
+        if name not in sessions:
+            sessions[name] = load_session(search=MODEL_SETS[name])
+        return sessions[name]
+    return get
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e["dataset"])
 def test_shipped_ensemble_segments_each_example_and_ignores_the_other_domains(shipped, example):
+    """As the gallery does it: the stored PNG with modality "auto" (/ 255, as in training), its own set's models;
+    the other prompts are those of the same set's other domains."""
+    real = "credit" in example
+    session = shipped(REAL_MODELS if real else PHANTOM_MODELS)
     image = np.asarray(Image.open(ASSETS / "examples" / example["image"]))
-    others = [e["prompt"] for e in EXAMPLES if e["dataset"] != example["dataset"]]
-    found = shipped.predictor.predict(image, example["prompt"], modality=example["modality"])
+    others = [e["prompt"] for e in EXAMPLES if ("credit" in e) == real and e["dataset"] != example["dataset"]]
+    assert len(others) == 2
+    found = session.predictor.predict(image, example["prompt"])
     assert found.found and 0.001 < found.area_fraction < 0.3
     for prompt in others:
-        assert shipped.predictor.predict(image, prompt, modality=example["modality"]).area_fraction < 0.01
+        assert session.predictor.predict(image, prompt).area_fraction < 0.01

@@ -198,3 +198,33 @@ def test_sampling_weights_balance_dataset_and_positive_groups():
     by_dataset = sampling_weights(records, by=("dataset",))
     assert by_dataset[:100].sum().item() == pytest.approx(by_dataset[100:].sum().item())
     assert sampling_weights([]).shape == (0,)
+
+
+def test_unrelated_prompts_replace_the_prompt_and_empty_the_target(tmp_path):
+    from freqmedclip.data.dataset import UNRELATED_TRAIN_PROMPTS
+
+    records = _write_root(tmp_path)
+    always = SegmentationDataset(tmp_path, "train", train=True, augment=False, unrelated_prompts=1.0)
+    torch.manual_seed(0)
+    items = [always[i] for i in range(len(always))]
+    assert all(item["prompt"] in UNRELATED_TRAIN_PROMPTS and item["structure"] == "unrelated" for item in items)
+    assert all(item["mask"].sum() == 0 for item in items) and records[0].mask is not None   # a positive emptied
+    never = SegmentationDataset(tmp_path, "train", train=True, augment=False)
+    assert never[0]["mask"].sum() > 0 and never[0]["prompt"] in PROMPTS
+    with pytest.raises(ValueError, match="training prompts only"):
+        SegmentationDataset(tmp_path, "train", train=False, unrelated_prompts=0.1)
+    with pytest.raises(ValueError, match="probability"):
+        SegmentationDataset(tmp_path, "train", train=True, unrelated_prompts=1.5)
+
+
+def test_unrelated_training_prompts_are_disjoint_from_the_held_out_check_and_the_real_prompts():
+    from freqmedclip.data.dataset import UNRELATED_TRAIN_PROMPTS
+    from freqmedclip.data.public.common import PROMPTS as REAL_PROMPTS
+    from train.evaluate import HELD_OUT_UNRELATED_PROMPTS
+
+    assert not set(UNRELATED_TRAIN_PROMPTS) & set(HELD_OUT_UNRELATED_PROMPTS)
+    from freqmedclip.data.phantoms import brain, breast, lung
+
+    real = {p for prompts in REAL_PROMPTS.values() for p in prompts}
+    real |= {p for module in (brain, breast, lung) for prompts in module.STRUCTURES.values() for p in prompts}
+    assert real and not (set(UNRELATED_TRAIN_PROMPTS) | set(HELD_OUT_UNRELATED_PROMPTS)) & real

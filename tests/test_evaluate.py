@@ -17,6 +17,7 @@ from freqmedclip.modeling.config import FreqMedCLIPConfig
 from freqmedclip.data.dataset import SegmentationDataset
 from freqmedclip.data.format import StructureRecord, load_mask, write_manifest, write_sample
 from freqmedclip.modeling.model import build_model
+from freqmedclip.inference.predictor import Predictor
 from freqmedclip.inference.preprocess import resize_to
 from train import evaluate
 
@@ -43,7 +44,9 @@ def tiny_dataset(tmp_path_factory) -> Path:
             image_path, masks = write_sample(root, sample_id, image, {structure: mask} if present else {})
             common = {"sample_id": sample_id, "subject_id": f"{name}_s{subject}", "dataset": name, "modality": modality,
                       "image": image_path, "spacing_mm": SPACING, "original_size": SHAPE, "source": "", "split": "test"}
-            records.append(StructureRecord(structure=structure, prompts=[prompt], mask=masks.get(structure), **common))
+            metadata = {"pathology": "benign"} if subject == 0 else {"codes": {"pathology": "malignant"}}
+            records.append(StructureRecord(structure=structure, prompts=[prompt], mask=masks.get(structure),
+                                           metadata=metadata, **common))
             if subject == 0:                                                  # a cross-dataset negative prompt
                 records.append(StructureRecord(structure=other[1], prompts=[other[2]], mask=None, **common))
     write_manifest(root, records)
@@ -143,3 +146,35 @@ def test_bad_runs_spec_is_refused(tiny_dataset, tmp_path):
         evaluate.main(["--runs", "no-equals-sign", "--data", str(tiny_dataset), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="nothing to evaluate"):
         evaluate.main(["--data", str(tiny_dataset), "--out", str(tmp_path)])
+
+
+def test_held_out_unrelated_phrases_are_asked_of_every_image(evaluated, tiny_dataset, checkpoints, mini_backbone):
+    out, result = evaluated
+    dataset = SegmentationDataset(tiny_dataset, "test", train=False)
+    images = list(dict.fromkeys(r.image for r in dataset.records))
+    check = result["methods"]["single"]["unrelated_prompt_check"]
+    assert check["prompts"] == list(evaluate.HELD_OUT_UNRELATED_PROMPTS)
+    assert check["n_pairs"] == len(images) * len(evaluate.HELD_OUT_UNRELATED_PROMPTS)
+    # independent of the batched call: one prompt at a time through a fresh Predictor
+    predictor = Predictor(load_ensemble([checkpoints[0]], backbone=mini_backbone), threshold=0.5)
+    areas = []
+    for image in images:
+        index = next(i for i, r in enumerate(dataset.records) if r.image == image)
+        for prompt in evaluate.HELD_OUT_UNRELATED_PROMPTS:
+            probability = predictor.predict_tensor(dataset[index]["image"][None], [prompt])["probability"]
+            areas.append((probability >= 0.5).float().mean().item())
+    assert check["n_below_area"] == sum(a < evaluate.NEGATIVE_AREA for a in areas)
+    assert check["mean_pred_area"] == pytest.approx(sum(areas) / len(areas), abs=1e-3)
+    assert "Unrelated phrases (held out)" in (out / "tables.md").read_text()
+
+
+def test_subgroups_split_positive_cases_by_metadata_even_one_level_down(evaluated):
+    out, result = evaluated
+    rows = {r["sample_id"]: r for r in read_rows(out / "cases_single.csv") if r["positive"] == "True"}
+    groups = {(g["dataset"], g["structure"]): g for g in result["summary_subgroups"] if g["method"] == "single"}
+    # alpha: subject 0 benign, subject 1 malignant (nested under "codes"); beta: only subject 0 has the target
+    assert set(groups) == {("alpha", "blob, pathology = benign"), ("alpha", "blob, pathology = malignant"),
+                           ("beta", "ring, pathology = benign")}
+    assert groups[("alpha", "blob, pathology = malignant")]["n_cases"] == 1
+    assert groups[("alpha", "blob, pathology = malignant")]["dice_mean"] == pytest.approx(float(rows["alpha_1"]["dice"]))
+    assert "## Subgroups" in (out / "tables.md").read_text()

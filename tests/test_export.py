@@ -61,6 +61,9 @@ def test_fp16_export_records_its_check_and_keeps_the_training_metadata(run_dir, 
     assert check["records"] == 8 and check["split"] == "test"
     assert check["max_abs_dice_change"] <= 0.005 and check["min_mask_dice_vs_original"] >= 0.95
     assert (dest / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+    assert header["metadata"]["training_data"] == {   # the run records no data root: the checked data stand in
+        "root": str(disc_data), "datasets": ["discs"],
+        "licences": {"discs": "not recorded"}}
     assert not list(tmp_path.glob(".published*"))
     published = load_checkpoint(dest)                                  # loads back without flags, weights in fp32
     assert all(p.dtype == torch.float32 for p in published.parameters())

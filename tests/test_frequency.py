@@ -128,6 +128,20 @@ def test_frequency_encoder_pyramid(name):
     assert convnext.stem[0].in_channels == 12
 
 
+def test_resized_convnext_has_the_asked_stages_and_refuses_imagenet_weights(tmp_path):
+    """The mini preset's encoder: depths (1, 1, 2, 1), dims (32, 64, 128, 256) instead of timm's (2, 2, 6, 2)."""
+    convnext, init = create_frequency_backbone("convnext_atto", 12, "auto", depths=(1, 1, 2, 1), dims=(32, 64, 128, 256))
+    assert init == "random"     # "auto" never looks for ImageNet weights that cannot fit
+    assert [len(stage.blocks) for stage in convnext.stages] == [1, 1, 2, 1]
+    encoder = FrequencyEncoder(convnext).eval()
+    assert encoder.channels == (32, 64, 128, 256)
+    with torch.no_grad():
+        shapes = [tuple(f.shape) for f in encoder(torch.zeros(1, 3, 224, 224))]
+    assert shapes == [(1, 32, 112, 112), (1, 64, 56, 56), (1, 128, 28, 28), (1, 256, 14, 14)]
+    with pytest.raises(ValueError, match="do not fit"):
+        create_frequency_backbone("convnext_atto", 12, str(tmp_path / "imagenet.safetensors"), depths=(1, 1, 2, 1))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # ImageNet patch stem -> sub-band stem
 

@@ -54,3 +54,25 @@ def test_single_branch_outputs_have_no_auxiliary_terms():
     terms = segmentation_loss(SegOutput(zeros, zeros, None), TARGET)
     assert terms.semantic_dice.item() == 0.0 and terms.frequency_dice.item() == 0.0
     assert terms.total.item() == pytest.approx(0.5 + math.log(2), abs=1e-6)
+
+
+def test_branch_bce_adds_lambda_bce_to_each_branch():
+    zeros = torch.zeros(1, 1, 2, 2)
+    plain = segmentation_loss(SegOutput(zeros, zeros, zeros), TARGET, bce_weight=2.0)
+    with_bce = segmentation_loss(SegOutput(zeros, zeros, zeros), TARGET, bce_weight=2.0, branch_bce=True)
+    # p = 0.5: each branch term gains lambda * ln 2; the total gains (alpha + beta) * lambda * ln 2
+    assert with_bce.semantic_dice.item() == pytest.approx(0.5 + 2.0 * math.log(2), abs=1e-6)
+    assert with_bce.frequency_dice.item() == pytest.approx(0.5 + 2.0 * math.log(2), abs=1e-6)
+    assert (with_bce.total - plain.total).item() == pytest.approx(0.8 * 2.0 * math.log(2), abs=1e-6)
+
+
+def test_a_silent_branch_gets_a_gradient_only_with_branch_bce():
+    # L_s = -20 everywhere: sigma' = p(1 - p) ~ 2e-9, so soft Dice barely moves it; BCE's gradient is (p - y) / N
+    fused, frequency = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)
+    grads = []
+    for branch_bce in (False, True):
+        semantic = torch.full((1, 1, 2, 2), -20.0, requires_grad=True)
+        segmentation_loss(SegOutput(fused, semantic, frequency), TARGET, branch_bce=branch_bce).total.backward()
+        grads.append(semantic.grad[0, 0, 0, 0].item())
+    assert abs(grads[0]) < 1e-8
+    assert grads[1] == pytest.approx(0.4 * (torch.sigmoid(torch.tensor(-20.0)).item() - 1) / 4, rel=1e-4)

@@ -110,9 +110,9 @@ def test_mini_shapes_at_every_stage(mini_model):
     assert (c1, c2, c3, c4) == (128, 64, 32, 16)
     assert [tuple(s.shape) for s in stages["semantic"]] == [(2, c1, 14, 14), (2, c2, 28, 28), (2, c3, 56, 56),
                                                            (2, c4, 112, 112)]
-    # convnext_atto dims (timm): 40, 80, 160, 320
-    assert [tuple(f.shape) for f in stages["frequency"]] == [(2, 40, 112, 112), (2, 80, 56, 56), (2, 160, 28, 28),
-                                                            (2, 320, 14, 14)]
+    # the mini preset's ConvNeXt-Atto resized to dims 24, 48, 96, 192 (timm's own: 40, 80, 160, 320)
+    assert [tuple(f.shape) for f in stages["frequency"]] == [(2, 24, 112, 112), (2, 48, 56, 56), (2, 96, 28, 28),
+                                                            (2, 192, 14, 14)]
     text = stages["text"]
     assert text.tokens.shape == (2, 5, 256)                  # L = the longest real prompt, not 256 pads
     assert text.padding.tolist() == [[False] * 5, [False] * 4 + [True]]
@@ -221,7 +221,7 @@ def test_variant_structure_forward_backward(mini_backbone, variant):
     assert len(films) == (3 * decoder_count if film else 0)
     assert sum(isinstance(m, TextGate) for m in model.modules()) == 1               # Eq. 12, text_gate=True
     if variant == "no_dual_decoder":                                               # one decoder on both streams
-        assert model.semantic_decoder.stages[0].block[0][0].in_channels == 2 * model.config.fusion_width + 64 + 160
+        assert model.semantic_decoder.stages[0].block[0][0].in_channels == 2 * model.config.fusion_width + 64 + 96
     if variant == "unet_clip":                                                     # conditioned on the CLIP embedding
         assert model.config.text_condition == "clip"
 

@@ -169,3 +169,12 @@ def test_examples_are_small_and_listed(root, records, tmp_path):
         file = tmp_path / "examples" / e["image"]
         assert file.stat().st_size < 60_000 and Image.open(file).size == (224, 224)
     assert [e["prompt"] for e in entries] == ["whole tumour", "breast mass", "lung nodule"]
+
+
+def test_rewriting_the_phantom_examples_keeps_the_credited_real_ones(root, records, tmp_path):
+    real = {"image": "lgg_tumour.png", "prompt": "brain tumour", "dataset": "lgg", "modality": "MRI",
+            "credit": "LGG (Buda et al. 2019), CC BY-NC-SA 4.0"}
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "examples.json").write_text(json.dumps([real, {"image": "old.png", "dataset": "brain"}]))
+    entries = json.loads(write_examples(root, records, tmp_path / "examples").read_text())
+    assert entries[0] == real and [e["dataset"] for e in entries[1:]] == ["brain", "breast", "lung"]   # old dropped

@@ -132,3 +132,27 @@ def test_tokenizer_handles_unseen_words(mini_backbone):
     encoder = TextEncoder(mini_backbone.text, tokenizer)
     features = encoder([prompt, "肺结节 ≥ 3 μm"])        # scripts outside the vocabulary map to [UNK], no error
     assert torch.isfinite(features.pooled).all() and features.tokens.shape[0] == 2
+
+
+def test_several_roots_are_pooled_and_each_image_read_from_its_own_root(tiny_phantoms, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_phantoms, other)
+    one = pretrain_clip.image_texts(tiny_phantoms, "train")
+    both = pretrain_clip.image_texts([tiny_phantoms, other], "train")
+    assert len(both) == 2 * len(one)                      # the same sample ids in two roots stay two images
+    assert [i.root for i in both] == [tiny_phantoms] * len(one) + [other] * len(one)
+    (other / one[0].image).unlink()                       # the copy's file is gone: its item must fail, not fall back
+    folder = pretrain_clip.ImageFolder(both, None)
+    assert folder[0][0].shape == (3, 224, 224)
+    with pytest.raises(FileNotFoundError):
+        folder[len(one)]
+
+
+def test_a_one_root_run_of_an_older_version_still_counts_as_the_same_data(tiny_phantoms, tmp_path):
+    args = pretrain_clip.parse_args(["--data", str(tiny_phantoms), "--out", str(tmp_path), *ARGS])
+    saved = {**pretrain_clip._result_args(args), "data": str(tiny_phantoms)}     # written as a string before
+    pretrain_clip._check_same_run(saved, args, "already finished")               # no SystemExit
+    with pytest.raises(SystemExit, match="other arguments"):
+        pretrain_clip._check_same_run({**saved, "data": str(tmp_path)}, args, "already finished")

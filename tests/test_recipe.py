@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "train" / "recipes" / "phantom.sh"
-ENSEMBLE = "assets/checkpoints/mini-seed0,assets/checkpoints/mini-seed1,assets/checkpoints/mini-seed2"
+ENSEMBLE = "assets/phantom/checkpoints/mini-seed0,assets/phantom/checkpoints/mini-seed1,assets/phantom/checkpoints/mini-seed2"
 
 
 @pytest.fixture
@@ -28,17 +28,20 @@ def recorded(tmp_path):
     (bin_dir / "python").write_text(f"""#!/bin/sh
 echo "$* [threads=$OMP_NUM_THREADS]" >> "{log}"
 run=$(echo "$*" | sed -n 's/.*configs\\/\\([^ ]*\\)\\.yaml --seed \\([0-9]*\\).*/\\1-seed\\2/p')
+case "$*" in *--run-dir*) run=$(echo "$*" | sed -n 's/.*--run-dir runs\\/\\([^ ]*\\).*/\\1/p');; esac
+case "$*" in *train.pretrain_clip*) out=$(echo "$*" | sed -n 's/.*--out \\([^ ]*\\).*/\\1/p'); mkdir -p "$out"
+    echo weights > "$out/open_clip_model.safetensors";; esac
 if [ -n "$run" ] && [ -z "$NO_RUNS" ] && [ ! -f "runs/$run/best/config.json" ]; then
     mkdir -p "runs/$run/best" && echo {{}} > "runs/$run/best/config.json"
 fi
 """)
     (bin_dir / "python").chmod(0o755)
 
-    def run(*args: str, **env: str) -> list[str]:
+    def run(*args: str, recipe: str = "phantom.sh", **env: str) -> list[str]:
         log.unlink(missing_ok=True)
-        environment = {k: v for k, v in os.environ.items() if k not in ("JOBS", "OMP_NUM_THREADS")}
+        environment = {k: v for k, v in os.environ.items() if k not in ("JOBS", "OMP_NUM_THREADS", "SEEDS", "MIRROR")}
         environment.update(env, PATH=f"{bin_dir}:{os.environ['PATH']}")
-        subprocess.run(["bash", str(repo / "train" / "recipes" / "phantom.sh"), *args], env=environment, check=True,
+        subprocess.run(["bash", str(repo / "train" / "recipes" / recipe), *args], env=environment, check=True,
                        capture_output=True, text=True)
         return log.read_text().splitlines()
 
@@ -54,11 +57,11 @@ def test_main_part_runs_data_backbone_five_trainings_publishing_and_evaluation_i
                           (("mini", 0), ("mini", 1), ("mini", 2), ("mini_semantic_only", 0),
                            ("mini_frequency_only", 0))]
     assert calls[7:12] == [f"-m train.export runs/{run} {dest} --data data/phantoms [threads=]" for run, dest in
-                           (("mini-seed0", "assets/checkpoints/mini-seed0"),
-                            ("mini-seed1", "assets/checkpoints/mini-seed1"),
-                            ("mini-seed2", "assets/checkpoints/mini-seed2"),
-                            ("mini_semantic_only-seed0", "assets/baselines/mini_semantic_only"),
-                            ("mini_frequency_only-seed0", "assets/baselines/mini_frequency_only"))]
+                           (("mini-seed0", "assets/phantom/checkpoints/mini-seed0"),
+                            ("mini-seed1", "assets/phantom/checkpoints/mini-seed1"),
+                            ("mini-seed2", "assets/phantom/checkpoints/mini-seed2"),
+                            ("mini_semantic_only-seed0", "assets/phantom/baselines/mini_semantic_only"),
+                            ("mini_frequency_only-seed0", "assets/phantom/baselines/mini_frequency_only"))]
     assert calls[12].startswith("-m train.evaluate --data data/phantoms --split test --out results/phantom ")
     assert f"FreqMedCLIP-mini (3-seed ensemble)={ENSEMBLE}" in calls[12] and len(calls) == 13
 
@@ -69,7 +72,7 @@ def test_two_jobs_train_with_one_thread_each(recorded):
 
 
 def test_an_up_to_date_checkpoint_is_not_published_again(recorded):
-    run, dest = recorded.repo / "runs" / "mini-seed1" / "best", recorded.repo / "assets" / "checkpoints" / "mini-seed1"
+    run, dest = recorded.repo / "runs" / "mini-seed1" / "best", recorded.repo / "assets" / "phantom" / "checkpoints" / "mini-seed1"
     run.mkdir(parents=True)
     dest.mkdir(parents=True)
     (run / "config.json").write_text("{}")
@@ -85,7 +88,7 @@ def test_ablations_train_every_table_4_variant_and_compare_with_the_shipped_seed
     assert trainings == ["mini_no_freq", "mini_no_ffbi", "mini_no_lffi", "mini_no_dual_decoder", "mini_no_tca"]
     assert calls[-1].startswith("-m train.evaluate")
     for seed in (0, 1, 2):   # seed 0 is the reference; seeds 1-2 give the seed-to-seed spread
-        assert f"FreqMedCLIP-mini (seed {seed})=assets/checkpoints/mini-seed{seed}" in calls[-1]
+        assert f"FreqMedCLIP-mini (seed {seed})=assets/phantom/checkpoints/mini-seed{seed}" in calls[-1]
     assert "no_tca=runs/mini_no_tca-seed0" in calls[-1]
     assert '--full-method FreqMedCLIP-mini (seed 0)' in calls[-1]
     assert "--out results/phantom-ablations" in calls[-1]
@@ -108,3 +111,36 @@ def test_unknown_stage_is_refused(recorded):
     with pytest.raises(subprocess.CalledProcessError) as error:
         recorded("everything")
     assert error.value.returncode == 2 and "usage" in error.value.stderr
+
+
+def test_public_recipe_runs_data_backbone_trainings_publishing_and_evaluation_in_order(recorded):
+    calls = recorded(recipe="public.sh")      # the copied repository has no ../shared mirror: it downloads
+    assert calls[:3] == ["-m freqmedclip.data.public --out data/public --workers 2 [threads=]",
+                         "-m freqmedclip.data.phantoms --out data/phantoms --workers 2 [threads=]",
+                         "-m train.pretrain_clip --data data/public data/phantoms --out runs/mini-clip-real --epochs 6 "
+                         "[threads=]"]
+    specs = (("full", 0), ("full", 1), ("full", 2), ("frequency_only", 0), ("semantic_only", 0))
+    assert calls[3:8] == [f"-m train.train --config train/configs/public.yaml --variant {v} --seed {s} "
+                          f"--run-dir runs/public_{v}-seed{s} [threads=]" for v, s in specs]
+    assert calls[8:13] == [f"-m train.export runs/{run} {dest} --data data/public [threads=]" for run, dest in
+                           (("public_full-seed0", "assets/public/checkpoints/mini-seed0"),
+                            ("public_full-seed1", "assets/public/checkpoints/mini-seed1"),
+                            ("public_full-seed2", "assets/public/checkpoints/mini-seed2"),
+                            ("public_semantic_only-seed0", "assets/public/baselines/mini_semantic_only"),
+                            ("public_frequency_only-seed0", "assets/public/baselines/mini_frequency_only"))]
+    members = ",".join(f"assets/public/checkpoints/mini-seed{s}" for s in (0, 1, 2))
+    assert calls[13].startswith("-m train.evaluate --data data/public --split test --out results/public ")
+    assert f"FreqMedCLIP-mini (3-seed ensemble)={members}" in calls[13] and len(calls) == 14
+
+
+def test_public_recipe_with_two_seeds_trains_and_ensembles_two(recorded, tmp_path):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    calls = recorded(recipe="public.sh", SEEDS="0 1", MIRROR=str(mirror))
+    assert calls[0] == f"-m freqmedclip.data.public --out data/public --mirror {mirror} --workers 2 [threads=]"
+    trainings = [c for c in calls if c.startswith("-m train.train")]
+    assert [t.split("--run-dir ")[1].split(" ")[0] for t in trainings] == [
+        "runs/public_full-seed0", "runs/public_full-seed1", "runs/public_frequency_only-seed0",
+        "runs/public_semantic_only-seed0"]
+    members = "assets/public/checkpoints/mini-seed0,assets/public/checkpoints/mini-seed1"
+    assert f"FreqMedCLIP-mini (2-seed ensemble)={members}" in calls[-1]

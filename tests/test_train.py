@@ -7,6 +7,7 @@ records, fp32, no DataLoader workers, so every run takes seconds and is bit-repr
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def read_rows(run_dir: Path) -> list[dict]:
 def test_config_parses_and_builds(config, mini_backbone):
     args = trainer.parse_args(["--config", str(config)])
     assert args.variant == (config.stem[len("mini_"):] if config.stem.startswith("mini_") else "full")
-    assert args.preset == config.stem.split("_")[0]
+    assert args.preset == ("mini" if config.stem == "public" else config.stem.split("_")[0])
     assert args.run_dir == str(Path("runs") / f"{config.stem}-seed{args.seed}")   # seeds never share a run
     model = trainer.make_model(args, mini_backbone)
     assert (model.config.preset, model.config.variant) == (args.preset, args.variant)
@@ -246,3 +247,31 @@ def test_torchrun_two_processes_on_cpu(tiny_data, mini_backbone_dir, tmp_path):
     state = json.loads((run / "latest/train_state.json").read_text())
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert result.stdout.count("epoch 1/1 |") == 1                          # rank 0 logs, rank 1 is silent
+
+
+def test_lr_factor_warms_up_then_follows_a_cosine_per_step():
+    # 10 steps per epoch, t_max 2 epochs (20 steps), 5 warm-up steps: values by hand
+    assert trainer.lr_factor(0, 10, 2, 5) == pytest.approx(1 / 5 * 1.0)
+    assert trainer.lr_factor(4, 10, 2, 5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 20)))
+    assert trainer.lr_factor(10, 10, 2, 0) == pytest.approx(0.5)                  # half-way: cos(pi / 2) = 0
+    assert trainer.lr_factor(20, 10, 2, 0) == pytest.approx(0.0, abs=1e-12)
+    assert trainer.lr_factor(35, 10, 2, 0) == pytest.approx(0.0, abs=1e-12)       # held at 0 after t_max
+
+
+def test_validation_subset_keeps_evenly_spaced_images_of_each_dataset_with_all_their_prompts(tmp_path):
+    root = tmp_path / "phantoms"
+    generate(root, n_subjects=3, seed=0, workers=1)
+    val_set = SegmentationDataset(root, "val", train=False)
+    by_dataset: dict[str, list[str]] = {}
+    for record in val_set.records:
+        images = by_dataset.setdefault(record.dataset, [])
+        if record.image not in images:
+            images.append(record.image)
+    assert all(len(images) == 4 for images in by_dataset.values())     # 1 val subject x 4 images per domain
+    subset = trainer.ImageGroups.of(val_set, images_per_dataset=2)
+    kept = [val_set.records[group[0]].image for group in subset.groups]
+    assert sorted(kept) == sorted(images[i] for images in by_dataset.values() for i in (0, 2))   # round(i * 4 / 2)
+    for group in subset.groups:                                          # each kept image keeps every prompt
+        image = val_set.records[group[0]].image
+        assert sorted(group) == [i for i, r in enumerate(val_set.records) if r.image == image]
+    assert len(trainer.ImageGroups.of(val_set, images_per_dataset=10).groups) == len(trainer.ImageGroups.of(val_set))

@@ -76,7 +76,7 @@ def run(preset: str, variant: str, device_str: str, dtype: str, batch_size: int,
         with autocast(device, dtype):
             output = forward(images, text)
         loss = segmentation_loss(output, masks, config.bce_weight, config.semantic_aux_weight,
-                                 config.frequency_aux_weight).total
+                                 config.frequency_aux_weight, config.branch_bce).total
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -179,7 +179,7 @@ def breakdown(preset: str, variant: str, dtype: str, batch_size: int, repeats: i
         with autocast(device, dtype):
             output = model(images, text)
         segmentation_loss(output, masks, config.bce_weight, config.semantic_aux_weight,
-                          config.frequency_aux_weight).total.backward()
+                          config.frequency_aux_weight, config.branch_bce).total.backward()
         optimizer.step()
 
     step_ms = _timed(training_step, repeats) * 1000

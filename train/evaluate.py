@@ -65,6 +65,13 @@ CSV_COLUMNS = ("method", "sample_id", "subject_id", "dataset", "structure", "pro
                "hd95", "assd", "nsd", "pred_area", "gt_empty", "pred_empty", "time_ms")
 METRIC_COLUMNS = {"dice": "dice", "iou": "iou", "hausdorff": "hd", "hd95": "hd95", "assd": "assd", "nsd": "nsd"}
 NEGATIVE_AREA = 0.01            # a negative prompt is "respected" when less than 1 % of the image is predicted
+# Phrases never used in training (disjoint from freqmedclip.data.dataset.UNRELATED_TRAIN_PROMPTS, tested): asked of
+# every image of the split, each should come back (almost) empty. The first is the demo's control prompt.
+HELD_OUT_UNRELATED_PROMPTS = ("a purple elephant riding a bicycle", "pancreas", "a bowl of soup",
+                              "a football stadium", "gallbladder", "a violin")
+# Metadata keys of the public converters worth a subgroup table: BUS-BRA biopsy result, LIDC nodule size class,
+# TCGA-LGG WHO grade code ("2" / "3").
+SUBGROUP_KEYS = ("pathology", "size_bin", "neoplasm_histologic_grade")
 ABLATION_VARIANTS = ("no_freq", "no_ffbi", "no_lffi", "no_dual_decoder", "no_tca", "tca_film")
 
 
@@ -76,6 +83,7 @@ class Method:
     checkpoints: list[Path]
     variants: list[str] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    unrelated_areas: list[float] = field(default_factory=list)    # predicted area per (image, held-out phrase)
     efficiency: dict[str, Any] = field(default_factory=dict)
 
 
@@ -165,6 +173,14 @@ def evaluate_method(method: Method, dataset: SegmentationDataset, device: torch.
             "time_ms": times[-1],
         })
 
+    images: dict[str, int] = {}
+    for index in range(n):
+        images.setdefault(dataset.records[index].image, index)
+    for index in images.values():   # untimed: one batched call per image, every held-out phrase at once
+        image = dataset[index]["image"][None].to(device)
+        probability = predictor.predict_tensor(image, list(HELD_OUT_UNRELATED_PROMPTS))["probability"]
+        method.unrelated_areas += (probability >= threshold).float().mean((1, 2, 3)).tolist()
+
     peak_mb, kind = peak_memory_mb(device)
     if not peak_reset:
         kind += " (cumulative: could not reset)"
@@ -200,6 +216,15 @@ def negative_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     empty = [r for r in rows if r["gt_empty"]]
     per_dataset = {d: share([r for r in empty if r["dataset"] == d]) for d in dict.fromkeys(r["dataset"] for r in rows)}
     return {"max_area_fraction": NEGATIVE_AREA, **share(empty), "per_dataset": per_dataset}
+
+
+def unrelated_check(method: Method) -> dict[str, Any]:
+    """Share of (image, held-out unrelated phrase) pairs predicted (almost) empty."""
+    areas = method.unrelated_areas
+    ok = sum(a < NEGATIVE_AREA for a in areas)
+    return {"prompts": list(HELD_OUT_UNRELATED_PROMPTS), "n_pairs": len(areas), "n_below_area": ok,
+            "fraction": ok / len(areas) if areas else None,
+            "mean_pred_area": statistics.fmean(areas) if areas else None}
 
 
 def empty_counts(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
@@ -252,6 +277,24 @@ def detail_table(rows: Sequence[dict[str, Any]]) -> str:
     return markdown_table(header, body)
 
 
+def subgroup_rows(methods: Sequence[Method], records: Sequence[Any], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The positive rows again, once per metadata key the record has (nested dicts searched one level down),
+    with the structure renamed "structure, key = value", ready for ``summary.summarize``."""
+    def lookup(metadata: dict[str, Any], key: str) -> Any:
+        if key in metadata:
+            return metadata[key]
+        return next((v[key] for v in metadata.values() if isinstance(v, dict) and key in v), None)
+
+    out = []
+    for method in methods:
+        for row, record in zip(method.rows, records):
+            for key in keys if row["positive"] else ():
+                value = lookup(record.metadata, key)
+                if value is not None:
+                    out.append({**row, "structure": f"{row['structure']}, {key} = {value}"})
+    return out
+
+
 def negative_table(methods: Sequence[Method], checks: dict[str, dict[str, Any]]) -> str:
     datasets = list(dict.fromkeys(r["dataset"] for m in methods for r in m.rows))
     header = ["Method", *(f"{d}" for d in datasets), "All"]
@@ -262,8 +305,11 @@ def negative_table(methods: Sequence[Method], checks: dict[str, dict[str, Any]])
         for entry in [*(check["per_dataset"][d] for d in datasets), check]:
             cells.append("n/a" if entry["fraction"] is None else
                          f"{entry['fraction']:.3f} ({entry['n_below_area']}/{entry['n_gt_empty']})")
+        unrelated = unrelated_check(m)
+        cells.append("n/a" if unrelated["fraction"] is None else
+                     f"{unrelated['fraction']:.3f} ({unrelated['n_below_area']}/{unrelated['n_pairs']})")
         body.append([m.name, *cells])
-    return markdown_table(header, body)
+    return markdown_table([*header, "Unrelated phrases (held out)"], body)
 
 
 def empty_table(methods: Sequence[Method], counts: dict[str, dict[str, int]]) -> str:
@@ -301,6 +347,8 @@ def build_tables(methods: Sequence[Method], headline: dict[str, str], positive_s
          f"after {args.warmup} warm-up passes; memory: {methods[0].efficiency['peak_memory_kind']}.\n"),
         f"## Negative prompts: share of GT-empty cases with predicted area < {NEGATIVE_AREA:.0%}\n",
         negative_table(methods, checks),
+        ("Unrelated phrases: every image of the split asked " + ", ".join(f"'{p}'" for p in HELD_OUT_UNRELATED_PROMPTS)
+         + " (never used in training).\n"),
         "## Empty-mask cases\n", empty_table(methods, counts),
         "## Detail: positive cases, every structure\n", detail_table(positive_summary),
         "## Detail: all cases (negative prompts included)\n", detail_table(all_summary),
@@ -331,6 +379,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N records (smoke runs)")
     parser.add_argument("--n-boot", type=int, default=summary.N_BOOT, help="bootstrap replicates")
     parser.add_argument("--save-masks", action="store_true", help="write predicted masks to OUT/masks/<method>/")
+    parser.add_argument("--subgroups", nargs="*", default=list(SUBGROUP_KEYS), metavar="KEY",
+                        help="record metadata keys whose values split the positive cases into subgroups")
     return parser.parse_args(argv)
 
 
@@ -362,9 +412,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     headline = headline_structures(dataset.records[:len(methods[0].rows)], args.table_structure)
     positive_summary = summary.summarize([r for r in rows if r["positive"]], n_boot=args.n_boot)
     all_summary = summary.summarize(rows, n_boot=args.n_boot)
+    subgroups = summary.summarize(subgroup_rows(methods, dataset.records, args.subgroups), n_boot=args.n_boot) \
+        if args.subgroups else []
     checks = {m.name: negative_check(m.rows) for m in methods}
     counts = {m.name: empty_counts(m.rows) for m in methods}
     tables = build_tables(methods, headline, positive_summary, all_summary, checks, counts, args, device, full)
+    if subgroups:
+        tables += ("\n## Subgroups: positive cases split by record metadata\n\n" + detail_table(subgroups))
     result = {
         "data": str(args.data), "split": args.split, "tolerance_mm": args.tolerance_mm, "threshold": args.threshold,
         "dtype": args.dtype, "device": device_name(device), "code_version": code_version(),
@@ -379,8 +433,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "table_structures": headline, "full_method": full,
         "methods": {m.name: {"checkpoints": [str(c) for c in m.checkpoints], "variants": m.variants,
                              "efficiency": m.efficiency, "empty_cases": counts[m.name],
-                             "negative_prompt_check": checks[m.name]} for m in methods},
-        "summary_positive": positive_summary, "summary_all": all_summary,
+                             "negative_prompt_check": checks[m.name],
+                             "unrelated_prompt_check": unrelated_check(m)} for m in methods},
+        "summary_positive": positive_summary, "summary_all": all_summary, "summary_subgroups": subgroups,
     }
     atomic_write(args.out / "summary.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     atomic_write(args.out / "tables.md", lambda tmp: tmp.write_text(tables))

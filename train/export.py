@@ -1,6 +1,6 @@
 """Publish a trained checkpoint for shipping: weights stored in a smaller dtype, checked against the original.
 
-    python -m train.export runs/mini-seed0 assets/checkpoints/mini-seed0 --data data/phantoms
+    python -m train.export runs/mini-seed0 assets/phantom/checkpoints/mini-seed0 --data data/phantoms
 
 Reads ``SOURCE`` (a checkpoint, or a run directory's ``best/``), writes ``DEST`` atomically with its trainable
 weights in ``--dtype`` (float16 by default: half the size), then predicts every record of ``--split`` with both
@@ -24,11 +24,16 @@ from torch.utils.data import DataLoader
 from freqmedclip.evaluation import metrics
 from freqmedclip.inference.checkpoint import load_checkpoint, read_checkpoint_header, save_checkpoint
 from freqmedclip.data.dataset import SegmentationDataset
+from freqmedclip.data.format import read_manifest
+from freqmedclip.data.phantoms import brain, breast, lung
+from freqmedclip.data.public.common import LICENCES
 from freqmedclip.modeling.model import FreqMedCLIP
 from train.evaluate import resolve_checkpoint
 from train.state import publishing, recover
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PHANTOM_DATASETS = {module.DATASET for module in (brain, breast, lung)}
+PHANTOM_LICENCE = "synthetic phantoms made by freqmedclip.data.phantoms (no patient data, no third-party terms)"
 RUN_FILES = ("metrics.jsonl", "curves.png")
 
 
@@ -49,6 +54,15 @@ def compare_masks(original: FreqMedCLIP, published: FreqMedCLIP, dataset: Segmen
             "records_changed": sum(a < 1.0 for a in agreement)}
 
 
+def training_data_licences(data: Path) -> dict[str, Any]:
+    """The datasets of ``data``'s train split (all its records when it has none) and the licence of each."""
+    records = read_manifest(data)
+    datasets = sorted({r.dataset for r in records if r.split == "train"} or {r.dataset for r in records})
+    return {"root": str(data), "datasets": datasets,
+            "licences": {d: LICENCES.get(d, PHANTOM_LICENCE if d in PHANTOM_DATASETS else "not recorded")
+                         for d in datasets}}
+
+
 def export(source: Path, dest: Path, data: Path, split: str = "test", dtype: str = "fp16",
            max_dice_change: float = 0.005, min_mask_dice: float = 0.95, command: str = "") -> dict[str, Any]:
     """Write ``source`` to ``dest`` in ``dtype`` and return the check recorded in its metadata."""
@@ -67,6 +81,9 @@ def export(source: Path, dest: Path, data: Path, split: str = "test", dtype: str
                              f"to its original (limit {min_mask_dice}) on {split}; {dest} left unchanged (try --dtype "
                              f"fp32)")
         metadata["export"] = {"source": str(source), "dtype": dtype, "command": command, "check": check}
+        trained_on = Path(metadata.get("args", {}).get("data", data))     # the run's own data root, when known
+        metadata["training_data"] = training_data_licences(trained_on if (trained_on / "manifest.jsonl").is_file()
+                                                           else data)
         save_checkpoint(tmp, published, metadata, dtype=DTYPES[dtype])
         for name in RUN_FILES:
             if (source.parent / name).is_file():

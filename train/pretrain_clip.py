@@ -97,28 +97,31 @@ class ImageText:
     """One training image and the texts that may describe it."""
 
     sample_id: str
-    image: str                 # path relative to the dataset root
+    image: str                 # path relative to ``root``
     caption: str
     phrasings: list[str]       # prompts of the structures present in the image
     modality: str
+    root: Path                 # the dataset root the image belongs to
 
 
-def image_texts(root: Path, split: str) -> list[ImageText]:
-    """One :class:`ImageText` per sample of ``split``, in manifest order."""
-    samples: dict[str, ImageText] = {}
-    for rec in read_manifest(root):
-        if rec.split != split:
-            continue
-        item = samples.setdefault(rec.sample_id, ImageText(rec.sample_id, rec.image, rec.caption or "", [],
-                                                           rec.modality))
-        if rec.positive:
-            item.phrasings.extend(p for p in rec.prompts if p not in item.phrasings)
+def image_texts(roots: Path | Sequence[Path], split: str) -> list[ImageText]:
+    """One :class:`ImageText` per sample of ``split`` of every root, roots in order, each in manifest order."""
+    roots = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
+    samples: dict[tuple[Path, str], ImageText] = {}
+    for root in roots:
+        for rec in read_manifest(root):
+            if rec.split != split:
+                continue
+            item = samples.setdefault((root, rec.sample_id), ImageText(rec.sample_id, rec.image, rec.caption or "",
+                                                                       [], rec.modality, root))
+            if rec.positive:
+                item.phrasings.extend(p for p in rec.prompts if p not in item.phrasings)
     items = list(samples.values())
     for item in items:
         if not item.caption:
             item.caption = item.phrasings[0] if item.phrasings else DOMAIN_PROMPTS.get(item.modality, item.modality)
     if not items:
-        raise ValueError(f"{root}: no samples in split {split!r}")
+        raise ValueError(f"{', '.join(map(str, roots))}: no samples in split {split!r}")
     return items
 
 
@@ -129,15 +132,16 @@ class ImageFolder(Dataset):
     index (returns ``(image, index)``).
     """
 
-    def __init__(self, root: Path, items: Sequence[ImageText], augment: Augment | None) -> None:
-        self.root, self.items, self.augment = Path(root), list(items), augment
+    def __init__(self, items: Sequence[ImageText], augment: Augment | None) -> None:
+        self.items, self.augment = list(items), augment
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, key: int | tuple[int, str]) -> tuple[Tensor, int | str]:
         index, label = key if isinstance(key, tuple) else (key, key)
-        pixels = np.array(load_image(self.root, self.items[index]))                 # writable copy (H, W, 3)
+        item = self.items[index]
+        pixels = np.array(load_image(item.root, item))                 # writable copy (H, W, 3)
         image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
         theta = _affine_theta(self.augment)[0] if self.augment is not None else None
         image, _ = paired_transform(image, torch.zeros_like(image[:1]), theta, IMAGE_SIZE)
@@ -283,10 +287,10 @@ def finalize_text_config(out: Path, model: nn.Module) -> None:
 # ---- evaluation ----
 
 @torch.no_grad()
-def embed_images(model: nn.Module, root: Path, items: Sequence[ImageText], device: torch.device, amp: str,
+def embed_images(model: nn.Module, items: Sequence[ImageText], device: torch.device, amp: str,
                  batch_size: int) -> Tensor:
     """L2-normalised image embeddings (N, D), float32, no augmentation."""
-    loader = DataLoader(ImageFolder(root, items, None), batch_size=batch_size, shuffle=False)
+    loader = DataLoader(ImageFolder(items, None), batch_size=batch_size, shuffle=False)
     chunks = []
     for images, _ in loader:
         with autocast(device, amp):
@@ -304,7 +308,7 @@ def embed_texts(model: nn.Module, tokenizer: Any, texts: Sequence[str], device: 
     return F.normalize(torch.cat(chunks), dim=-1)
 
 
-def retrieval_metrics(model: nn.Module, tokenizer: Any, root: Path, items: Sequence[ImageText], device: torch.device,
+def retrieval_metrics(model: nn.Module, tokenizer: Any, items: Sequence[ImageText], device: torch.device,
                       amp: str, batch_size: int = 64) -> dict[str, Any]:
     """Zero-shot retrieval and domain classification on ``items`` (their captions are the text gallery).
 
@@ -314,7 +318,7 @@ def retrieval_metrics(model: nn.Module, tokenizer: Any, root: Path, items: Seque
     """
     was_training = model.training
     model.eval()
-    images = embed_images(model, root, items, device, amp, batch_size)                 # (N, D)
+    images = embed_images(model, items, device, amp, batch_size)                 # (N, D)
     captions = list(dict.fromkeys(item.caption for item in items))
     caption_index = torch.tensor([captions.index(item.caption) for item in items])
     texts = embed_texts(model, tokenizer, captions, device, amp)                        # (C, D)
@@ -360,7 +364,8 @@ def round_weights(model: nn.Module, dtype: torch.dtype) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_argument_group("data")
-    group.add_argument("--data", type=Path, required=True, help="dataset root (freqmedclip.data.format)")
+    group.add_argument("--data", type=Path, nargs="+", required=True,
+                       help="one or more dataset roots (freqmedclip.data.format), pooled")
     group.add_argument("--out", type=Path, default=Path("assets/backbones/mini-clip"))
     group.add_argument("--train-split", default="train")
     group.add_argument("--val-split", default="val")
@@ -391,12 +396,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _result_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in RESULT_ARGS}
+    def plain(value: Any) -> Any:
+        return [str(v) for v in value] if isinstance(value, list) else str(value) if isinstance(value, Path) else value
+
+    return {k: plain(v) for k, v in vars(args).items() if k in RESULT_ARGS}
 
 
 def _check_same_run(saved: dict[str, Any], args: argparse.Namespace, what: str) -> None:
     current = _result_args(args)
-    same_data = Path(saved.get("data", "")).resolve() == args.data.resolve()
+    saved_roots = saved.get("data", [])
+    saved_roots = [saved_roots] if isinstance(saved_roots, str) else saved_roots   # written by one-root versions
+    same_data = [Path(r).resolve() for r in saved_roots] == [r.resolve() for r in args.data]
     diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v and not (k == "data" and same_data)}
     if diff:
         raise SystemExit(f"{args.out}: {what} with other arguments {diff} (saved, now); pass --force to start over")
@@ -459,7 +469,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"pretraining {args.preset} CLIP on {len(train_items)} images ({steps_per_epoch[0]} steps/epoch of "
           f"{args.batch_size}, {total_steps} steps) on {device} ({amp}, {torch.get_num_threads()} threads)", flush=True)
 
-    dataset = ImageFolder(args.data, train_items, LIGHT_AUGMENT)
+    dataset = ImageFolder(train_items, LIGHT_AUGMENT)
     model.train()
     step = progress["step"]
     for epoch in range(progress["epoch"], args.epochs):
@@ -507,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "logit_scale": model.logit_scale.exp().item(), "seconds": round(seconds, 2),
                   "seconds_per_step": round(seconds / n, 3), "cpu_seconds_per_step": round(cpu_seconds / n, 3)}
         if args.eval_every and (epoch + 1) % args.eval_every == 0:
-            record["val"] = retrieval_metrics(model, tokenizer, args.data, val_items, device, amp)
+            record["val"] = retrieval_metrics(model, tokenizer, val_items, device, amp)
         progress["history"].append(record)
         progress.update(epoch=epoch + 1, step=step)
         save_state(args.out, model, optimizer, progress)
@@ -517,7 +527,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"scale {record['logit_scale']:.1f} {record['seconds_per_step']:.2f} s/step{summary}", flush=True)
 
     round_weights(model, SAVE_DTYPES[args.save_dtype])  # segmentation is trained on exactly the shipped weights
-    val = retrieval_metrics(model, tokenizer, args.data, val_items, device, amp)
+    val = retrieval_metrics(model, tokenizer, val_items, device, amp)
+    if len(args.data) > 1:   # each root's own figures too: pooled retrieval mixes easy and hard domains
+        val["per_root"] = {str(root): retrieval_metrics(model, tokenizer, [i for i in val_items if i.root == root],
+                                                        device, amp) for root in args.data}
     save_clip_dir(model, args.out, SAVE_DTYPES[args.save_dtype])
     metrics = {
         "args": progress["args"],

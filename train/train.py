@@ -50,7 +50,7 @@ from freqmedclip.modeling.backbone import ClipBackbone
 from freqmedclip.inference.checkpoint import WEIGHTS, atomic_write, code_version, read_checkpoint_header, save_checkpoint
 from freqmedclip.inference import precision
 from freqmedclip.modeling.config import PRESETS, VARIANTS, FreqMedCLIPConfig
-from freqmedclip.data.dataset import SegmentationDataset, sampling_weights
+from freqmedclip.data.dataset import UNRELATED_TRAIN_PROMPTS, SegmentationDataset, sampling_weights
 from freqmedclip.modeling.losses import segmentation_loss
 from freqmedclip.evaluation.metrics import dice
 from freqmedclip.modeling.model import FreqMedCLIP, build_model, parameter_report
@@ -59,8 +59,8 @@ from train import distributed, state
 
 LOSS_TERMS = ("loss", "dice", "bce", "semantic_dice", "frequency_dice")
 # Arguments that change what a run computes: resuming a run directory with other values is refused.
-RESUME_ARGS = ("data", "datasets", "balanced", "augment", "seed", "batch_size", "grad_accum", "lr", "weight_decay",
-               "t_max", "bce_weight", "alpha", "beta", "clip_grad")
+RESUME_ARGS = ("data", "datasets", "balanced", "augment", "unrelated_prompts", "seed", "batch_size", "grad_accum",
+               "lr", "warmup_steps", "weight_decay", "t_max", "bce_weight", "alpha", "beta", "branch_bce", "clip_grad")
 
 
 # ------------------------------------------------------------------------------------------------------- args
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="draw every (dataset, positive/negative) group equally often")
     data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                       help="paired flips/rotation/scale + intensity jitter on train items")
+    data.add_argument("--unrelated-prompts", type=float, default=0.0, metavar="P",
+                      help="share of train items whose prompt is replaced by an unrelated phrase (target emptied)")
     model = parser.add_argument_group("model")
     model.add_argument("--preset", default="mini", help=f"one of {list(PRESETS)}")
     model.add_argument("--variant", default="full", help=f"one of {list(VARIANTS)}")
@@ -87,11 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
     optim.add_argument("--lr", type=float, default=1e-4, help="AdamW, trainable parameters only")
     optim.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's default (not in the paper)")
-    optim.add_argument("--t-max", type=int, default=100, help="CosineAnnealingLR period, in epochs")
+    optim.add_argument("--t-max", type=int, default=100, help="cosine period, in epochs (the schedule moves per step)")
+    optim.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up, optimizer steps")
     optim.add_argument("--patience", type=int, default=10, help="validations without a better Dice (0: never stop)")
     optim.add_argument("--bce-weight", type=float, default=1.0, help="lambda")
     optim.add_argument("--alpha", type=float, default=0.4, help="semantic branch Dice weight")
     optim.add_argument("--beta", type=float, default=0.4, help="frequency branch Dice weight")
+    optim.add_argument("--branch-bce", action=argparse.BooleanOptionalAction, default=False,
+                       help="also lambda * BCE on each branch (keeps a branch from going silent)")
     optim.add_argument("--amp", default="none", help=f"autocast dtype, one of {list(precision.CHOICES)} "
                        "(auto: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32)")
     optim.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: no clipping)")
@@ -101,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--run-dir", default=None, help="default: runs/<config name>")
     system.add_argument("--max-steps", type=int, default=0, help="optimizer steps per epoch (0: all; smoke tests)")
     system.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
+    system.add_argument("--val-images-per-dataset", type=int, default=0, metavar="N",
+                        help="validate on N evenly spaced images of each dataset (0: every image)")
     system.add_argument("--nonfinite-patience", type=int, default=3, help="consecutive non-finite steps to stop")
     system.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: LOCAL_RANK's GPU)")
     return parser
@@ -132,7 +139,8 @@ def make_model(args: argparse.Namespace, backbone: ClipBackbone | None = None) -
     """The model named by the args; ``backbone`` shares an already loaded CLIP (tests)."""
     overrides = {k: v for k, v in (("backbone", args.backbone), ("frequency_weights", args.frequency_weights)) if v}
     config = FreqMedCLIPConfig.from_preset(args.preset, args.variant, bce_weight=args.bce_weight,
-                                           semantic_aux_weight=args.alpha, frequency_aux_weight=args.beta, **overrides)
+                                           semantic_aux_weight=args.alpha, frequency_aux_weight=args.beta,
+                                           branch_bce=args.branch_bce, **overrides)
     return build_model(config, backbone, random_backbone=args.random_backbone and backbone is None)
 
 
@@ -155,6 +163,14 @@ class DistributedWeightedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def lr_factor(step: int, steps_per_epoch: int, t_max: int, warmup_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` over the base: a linear warm-up over ``warmup_steps``, times a
+    cosine from 1 to 0 over ``t_max`` epochs (held at 0 after)."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    progress = min(step / (steps_per_epoch * t_max), 1.0)
+    return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # ------------------------------------------------------------------------------------------------------- resume
@@ -201,12 +217,25 @@ class ImageGroups(Dataset):
         self.dataset, self.groups = dataset, [list(g) for g in groups]
 
     @classmethod
-    def of(cls, dataset: SegmentationDataset, rank: int = 0, world: int = 1, max_prompts: int = 0) -> ImageGroups:
+    def of(cls, dataset: SegmentationDataset, rank: int = 0, world: int = 1, max_prompts: int = 0,
+           images_per_dataset: int = 0) -> ImageGroups:
         """This rank's strided share of the images (every record exactly once over all ranks, none padded); an
-        image with more than ``max_prompts`` records (0: no limit) is split into items of at most that many."""
+        image with more than ``max_prompts`` records (0: no limit) is split into items of at most that many.
+        ``images_per_dataset`` (0: all) keeps that many images of each dataset, evenly spaced in manifest order
+        (converters write a patient's images together, so the subset still spans the patients); fixed, so every
+        validation of a run, and every run, scores the same records."""
         by_image: dict[str, list[int]] = {}
         for index, record in enumerate(dataset.records):
             by_image.setdefault(record.image, []).append(index)
+        if images_per_dataset > 0:
+            by_dataset: dict[str, list[str]] = {}
+            for image, indices in by_image.items():
+                by_dataset.setdefault(dataset.records[indices[0]].dataset, []).append(image)
+            kept = {images[round(i * len(images) / images_per_dataset)]
+                    for images in by_dataset.values() if len(images) > images_per_dataset
+                    for i in range(images_per_dataset)}
+            kept |= {image for images in by_dataset.values() if len(images) <= images_per_dataset for image in images}
+            by_image = {image: indices for image, indices in by_image.items() if image in kept}
         size = max_prompts if max_prompts > 0 else len(dataset)
         groups = [g[i:i + size] for g in by_image.values() for i in range(0, len(g), size)]
         return cls(dataset, groups[rank::world])
@@ -379,27 +408,33 @@ def set_up(args: argparse.Namespace, command: list[str], rank: int, world: int, 
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel for all parameters instead of a Python loop over them
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.t_max)
     amp = precision.resolve(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     for row in parameter_report(model):
         log.info("  %-28s total %10d  trainable %10d", row["module"], row["total"], row["trainable"])
 
-    train_set = SegmentationDataset(args.data, "train", train=True, datasets=args.datasets, augment=args.augment)
+    train_set = SegmentationDataset(args.data, "train", train=True, datasets=args.datasets, augment=args.augment,
+                                    unrelated_prompts=args.unrelated_prompts)
     val_set = SegmentationDataset(args.data, "val", train=False, datasets=args.datasets)
     sampler = DistributedWeightedSampler(sampling_weights(train_set.records), world, rank, args.seed) \
         if args.balanced else DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
     loader = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
-    val_loader = DataLoader(ImageGroups.of(val_set, rank, world, max_prompts=args.batch_size), batch_size=None,
-                            num_workers=args.workers)
-    prompts = sorted({p for r in train_set.records + val_set.records for p in r.prompts})
+    val_groups = ImageGroups.of(val_set, rank, world, max_prompts=args.batch_size,
+                                images_per_dataset=args.val_images_per_dataset)
+    val_loader = DataLoader(val_groups, batch_size=None, num_workers=args.workers)
+    prompts = sorted({p for r in train_set.records + val_set.records for p in r.prompts}
+                     | (set(UNRELATED_TRAIN_PROMPTS) if args.unrelated_prompts else set()))
     with torch.no_grad():
         for prompt in prompts:
             model.text([prompt])
     n_batches = len(loader) if args.max_steps <= 0 else min(len(loader), args.max_steps * args.grad_accum)
-    log.info("%s/%s on %s x %d | train %d records, val %d | effective batch %d | %d steps/epoch | %d prompts",
-             args.preset, args.variant, device, world, len(train_set), len(val_set),
+    steps_per_epoch = math.ceil(n_batches / args.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, args.t_max, args.warmup_steps))
+    log.info("%s/%s on %s x %d | train %d records, val %d (%d scored by this rank) | effective batch %d | "
+             "%d steps/epoch | %d prompts", args.preset, args.variant, device, world, len(train_set), len(val_set),
+             sum(len(group) for group in val_groups.groups),
              args.batch_size * world * args.grad_accum, math.ceil(n_batches / args.grad_accum), len(prompts))
     return Run(args, command, rank, world, device, log, model, params, optimizer, scheduler, amp, scaler, sampler,
                loader, val_loader, sorted({r.dataset for r in val_set.records}), n_batches)
@@ -444,8 +479,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
         with ddp.no_sync() if run.world > 1 and not last else nullcontext():
             with autocast(device, run.amp):
                 output = ddp(image, batch["prompt"])
-            terms = segmentation_loss(output, mask, model.config.bce_weight, model.config.semantic_aux_weight,
-                                      model.config.frequency_aux_weight)
+            config = model.config
+            terms = segmentation_loss(output, mask, config.bce_weight, config.semantic_aux_weight,
+                                      config.frequency_aux_weight, config.branch_bce)
             scaler.scale(terms.total / micro).backward()
         window += torch.stack([*(t.detach().float() for t in terms), (~torch.isfinite(terms.total)).float()])
         totals[-1] += len(image)
@@ -471,6 +507,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
         else:
             scaler.step(optimizer)
             scaler.update()
+            run.scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             totals[:len(LOSS_TERMS)] += window[:-1] / micro
             totals[len(LOSS_TERMS)] += norm.float() if norm_finite else 0.0
@@ -486,7 +523,6 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
                            "train": {t: v / steps for t, v in zip(LOSS_TERMS, totals)},
                            "grad_norm": totals[len(LOSS_TERMS)] / steps, "time_s": round(seconds, 2),
                            "images_per_s": round(totals[-1] / seconds, 2), "world_size": run.world}
-    run.scheduler.step()
     run.progress["epoch"] = epoch + 1
     return row
 
@@ -497,7 +533,9 @@ def validate(run: Run, epoch: int, row: dict[str, Any]) -> bool:
     args, progress = run.args, run.progress
     improved = False
     if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
+        start = time.perf_counter()
         row["val"] = evaluate(run.model, run.val_loader, run.val_names, run.device, run.amp)
+        row["val_time_s"] = round(time.perf_counter() - start, 2)
         improved = row["val"]["dice"] > progress["best_dice"]
         if improved:
             progress.update(best_dice=row["val"]["dice"], best_epoch=epoch + 1, bad_validations=0)

@@ -31,6 +31,14 @@ from torch.utils.data import Dataset
 from freqmedclip.data.format import StructureRecord, load_image, load_mask, read_manifest
 
 IMAGE_SIZE = 224
+# In-domain negatives: phrases that name nothing in any of our images. A training item whose prompt is replaced by
+# one of them (``unrelated_prompts``) gets an empty target, so the model learns that the right image with the wrong
+# words means "absent". ``train.evaluate`` checks other phrases, never trained on (a test keeps the sets disjoint).
+UNRELATED_TRAIN_PROMPTS = (
+    "kidney", "liver", "heart", "femur", "spleen", "tooth", "retinal vessels", "kidney stone", "fractured rib",
+    "a cat", "a red car", "a tree", "the sky", "a keyboard", "a cup of coffee", "a dog playing in the park",
+    "handwritten text", "the sun", "a chessboard", "an umbrella",
+)
 
 
 @dataclass
@@ -106,7 +114,8 @@ class SegmentationDataset(Dataset):
 
     Items: {"image": (3, 224, 224) float in [0, 1], "mask": (1, 224, 224) float in {0, 1},
     "prompt": str, "spacing": (2,) float mm at the 224 grid, "sample_id", "subject_id", "dataset",
-    "structure": str, "index": int}.
+    "structure": str ("unrelated" for a replaced prompt), "index": int}. ``unrelated_prompts`` (train only): the
+    probability that an item's prompt is replaced by one of :data:`UNRELATED_TRAIN_PROMPTS` with an empty mask.
     """
 
     def __init__(
@@ -118,8 +127,14 @@ class SegmentationDataset(Dataset):
         augment: Augment | bool | None = None,
         structures: Sequence[str] | None = None,
         image_size: int = IMAGE_SIZE,
+        unrelated_prompts: float = 0.0,
     ) -> None:
+        if not 0.0 <= unrelated_prompts <= 1.0:
+            raise ValueError(f"unrelated_prompts is a probability, got {unrelated_prompts}")
+        if unrelated_prompts and not train:
+            raise ValueError("unrelated_prompts replaces training prompts only; evaluation keeps the records' own")
         self.root = Path(root)
+        self.unrelated_prompts = unrelated_prompts
         self.train = train
         self.image_size = image_size
         if augment is None:
@@ -154,10 +169,14 @@ class SegmentationDataset(Dataset):
         image, mask = paired_transform(image, mask, theta, self.image_size)
         if self.augment is not None:
             image = intensity_jitter(image, self.augment)
+        structure = rec.structure
         if self.train and len(rec.prompts) > 1:
             prompt = rec.prompts[int(torch.randint(len(rec.prompts), ()).item())]
         else:
             prompt = rec.prompts[0]
+        if self.unrelated_prompts and torch.rand(()).item() < self.unrelated_prompts:
+            prompt = UNRELATED_TRAIN_PROMPTS[int(torch.randint(len(UNRELATED_TRAIN_PROMPTS), ()).item())]
+            mask, structure = torch.zeros_like(mask), "unrelated"
         return {
             "image": image,
             "mask": mask,
@@ -166,7 +185,7 @@ class SegmentationDataset(Dataset):
             "sample_id": rec.sample_id,
             "subject_id": rec.subject_id,
             "dataset": rec.dataset,
-            "structure": rec.structure,
+            "structure": structure,
             "index": index,
         }
 

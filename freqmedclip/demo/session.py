@@ -25,6 +25,10 @@ Notable choices:
   attention (1/196) on a diverging log scale centred on uniform, with the maximum ratio printed.
 * The workbench always contains the main prompt (first), and every update says when the image does not look like
   the selected models' training domains (:mod:`freqmedclip.inference.domain`) or when the checkpoints disagree.
+* Model sets (``MODEL_SETS``: the real-data ensemble, the phantom one) are named folders of checkpoints; the page
+  opens on the first that holds any (or on ``--checkpoint``) and :class:`ModelSets` loads the others on demand,
+  once. The header says what the serving set was trained on: real patients (with the datasets and any
+  non-commercial licence their weights inherit) or synthetic phantoms.
 """
 
 from __future__ import annotations
@@ -33,13 +37,15 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor
 
+from freqmedclip.data.format import MANIFEST, read_manifest
+from freqmedclip.data.public.common import LICENCES
 from freqmedclip.demo import render
 from freqmedclip.demo.uploads import (
     AUTO_WINDOW,
@@ -80,15 +86,35 @@ from freqmedclip.inference import (
 MAX_PROMPTS = 6
 CONTROL_PROMPT = "a purple elephant riding a bicycle"
 EXPORT_MAX_AGE_S = 3600.0
-DEFAULT_CHECKPOINTS = REPO_ROOT / "assets" / "checkpoints"
+ASSETS = REPO_ROOT / "assets"
+REAL_MODELS = "Real public data (brain MRI, breast ultrasound, lung CT crops)"
+PHANTOM_MODELS = "Synthetic phantoms"
+COMMAND_LINE_MODELS = "Checkpoints from the command line"
+# The model sets the page offers: name -> folder whose */config.json subfolders are one ensemble. Order matters:
+# the first set whose folder holds checkpoints opens by default, so a clone without the real assets opens on the
+# phantoms. Each set's baselines lie beside its checkpoints (<set>/baselines), for the out-of-distribution hints.
+MODEL_SETS: dict[str, Path] = {
+    REAL_MODELS: ASSETS / "public" / "checkpoints",
+    PHANTOM_MODELS: ASSETS / "phantom" / "checkpoints",
+}
+
+
+def set_roots(sets: Mapping[str, Path]) -> tuple[Path, ...]:
+    """Every set's checkpoint folder and the baselines beside it: where other models may be suggested from."""
+    return tuple(root for folder in sets.values() for root in (Path(folder), Path(folder).parent / "baselines"))
+
+
+MODEL_ROOTS = set_roots(MODEL_SETS)
 DEFAULT_BACKBONE = "local-dir:assets/backbones/mini-clip"
-DOMAIN_REFERENCES = REPO_ROOT / "assets" / "domains"
-MODEL_ROOTS = (DEFAULT_CHECKPOINTS, REPO_ROOT / "assets" / "baselines")
+DOMAIN_REFERENCES = ASSETS / "domains"
 FAST_GRADCAM = "Grad-CAM (fast, fixed scale)"
 CAM_METHODS = (FAST_GRADCAM, *LIBRARY_CAM_METHODS)
 EMPTY_EXPLANATION = "Nothing to explain: the prediction is empty"
 DISAGREEMENT_IOU = 0.5      # mean pairwise IoU of the members' masks below which the ensemble is said to disagree
 RESULTS_SECTION = "README.md, section \"Results on the phantom benchmark\""
+REAL_RESULTS_SECTION = "README.md, section \"Results on real public data\""
+# Short source names of the public datasets (their licences: freqmedclip.data.public.common.LICENCES).
+PUBLIC_SOURCES = {"lgg": "LGG, TCGA-LGG via TCIA", "busbra": "BUS-BRA", "lidc": "LIDC-IDRI"}
 LOG = logging.getLogger("freqmedclip.demo")
 
 BAND_TITLES = {"LL": "LL: local mean", "LH": "LH: horizontal edges", "HL": "HL: vertical edges",
@@ -236,33 +262,73 @@ class Panels:
 
 @dataclass(frozen=True)
 class TrainingData:
-    """What a checkpoint was trained on, from its config.json metadata (``train.train`` records both)."""
+    """What a checkpoint was trained on, from its config.json metadata (``train.train`` records the arguments,
+    ``train.export`` the train split's datasets and their licences under ``training_data``)."""
 
     data: str | None                 # the data root (``--data``)
     domains: tuple[str, ...]         # the datasets (``--datasets``, else the validation metrics' per-dataset keys)
+    licences: tuple[tuple[str, str], ...] = ()   # (dataset, licence line) as published with the weights
+
+    @property
+    def real(self) -> bool:
+        """Trained on real patients: every dataset is one of the public sources (phantoms are not)."""
+        return bool(self.domains) and all(d in LICENCES for d in self.domains)
 
 
 def training_data(header: dict | None) -> TrainingData | None:
     """TrainingData from a checkpoint header (``model.checkpoint_header``); None when it records none."""
     metadata = (header or {}).get("metadata") or {}
     args = metadata.get("args") or {}
-    domains = args.get("datasets") or list(((metadata.get("metrics") or {}).get("val") or {}).get("per_dataset") or {})
-    if not args.get("data") and not domains:
+    published = metadata.get("training_data") or {}   # written by train.export; absent on training-run checkpoints
+    domains = (published.get("datasets") or args.get("datasets")
+               or list(((metadata.get("metrics") or {}).get("val") or {}).get("per_dataset") or {}))
+    data = published.get("root") or args.get("data")
+    if not data and not domains:
         return None
-    return TrainingData(args.get("data"), tuple(sorted(domains)))
+    if not domains and data:       # a training run's checkpoint before its first validation: ask the data root
+        domains = _train_datasets(data)
+    return TrainingData(data, tuple(sorted(domains)), tuple(sorted((published.get("licences") or {}).items())))
+
+
+def _train_datasets(root: str) -> list[str]:
+    """The datasets of ``root``'s train split (relative roots from the repository), [] when it is not here."""
+    path = Path(root) if Path(root).is_absolute() else REPO_ROOT / root
+    if not (path / MANIFEST).is_file():
+        return []
+    return sorted({r.dataset for r in read_manifest(path) if r.split == "train"})
+
+
+def _licence_notes(known: Sequence[TrainingData], domains: Sequence[str]) -> list[str]:
+    """The share-alike / non-commercial terms that weights trained on these datasets inherit, one per dataset:
+    the licence recorded with the weights, else the one the converter publishes for that source."""
+    recorded = {d: text for t in known for d, text in t.licences}
+    notes = []
+    for domain in domains:
+        licence = recorded.get(domain) or LICENCES.get(domain, "")
+        if "NC" in licence.split("(")[0]:         # CC BY-NC(-SA): the licence's name, not its citation, says so
+            notes.append(f"**Licence:** weights trained on the {caption_for(domain)} data ({domain}) fall under "
+                         f"{licence}.")
+    return notes
 
 
 def training_line(trained: Sequence[TrainingData | None]) -> str:
-    """One line for the header: what the selected checkpoints were trained on."""
+    """One line for the header: what the selected checkpoints were trained on (real patients or phantoms)."""
     known = [t for t in trained if t is not None]
     if not known:
         return f"Training data: not recorded in the {len(trained)} checkpoint(s)' config.json."
     roots = sorted({t.data for t in known if t.data})
     domains = sorted({d for t in known for d in t.domains})
     phantom = any("phantom" in root for root in roots)
+    real = not phantom and all(t.real for t in known)
+    record = f"({len(known)} of {len(trained)} checkpoint(s) record it; data root {', '.join(roots) or '?'})"
+    if real:
+        domains = sorted(domains, key=caption_for)              # brain, breast, lung: as the selector names them
+        what = ", ".join(f"{caption_for(d)} ({d}: {PUBLIC_SOURCES.get(d, d)})" for d in domains)
+        return " ".join([f"**Trained on:** real patients from public datasets: {what} {record}.",
+                         *_licence_notes(known, domains), f"Results in {REAL_RESULTS_SECTION}."])
     what = ", ".join(f"{caption_for(d)} ({d})" for d in domains) or "unrecorded datasets"
     line = (f"**Trained on:** {'synthetic phantoms' if phantom else ', '.join(roots) or 'unrecorded data'}: {what}"
-            f" ({len(known)} of {len(trained)} checkpoint(s) record it; data root {', '.join(roots) or '?'}).")
+            f" {record}.")
     if phantom:
         line += f" Not real patients; results in {RESULTS_SECTION}."
     return line
@@ -620,15 +686,38 @@ def _ablation_note(switches: Switches, mask: np.ndarray, reference: np.ndarray) 
 
 # ---------------------------------------------------------------- start-up
 
-def load_examples(directory: Path) -> list[tuple[str, str]]:
-    """(image path, prompt) of each entry of ``directory/examples.json`` (one example per domain)."""
-    entries = json.loads((Path(directory) / "examples.json").read_text())
-    return [(str(Path(directory) / entry["image"]), entry["prompt"]) for entry in entries]
-
-
-def find_checkpoints(root: Path = DEFAULT_CHECKPOINTS) -> list[Path]:
-    """The shipped ensemble: ``root/*/config.json`` folders, sorted."""
+def find_checkpoints(root: Path | None = None) -> list[Path]:
+    """An ensemble's members: the ``root/*/config.json`` folders, sorted; by default the default model set's."""
+    if root is None:
+        name = default_model_set()
+        if name is None:
+            return []
+        root = MODEL_SETS[name]
     return sorted(p.parent for p in Path(root).glob("*/config.json")) if Path(root).is_dir() else []
+
+
+def default_model_set(sets: Mapping[str, Path] | None = None) -> str | None:
+    """The first set (``MODEL_SETS`` order) whose folder holds checkpoints; None when none does."""
+    sets = MODEL_SETS if sets is None else sets
+    return next((name for name, folder in sets.items() if find_checkpoints(folder)), None)
+
+
+def _relative(path: Path) -> str:
+    """A path as the user would type it from the repository root (absolute when it lies elsewhere)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _no_checkpoint(folders: Sequence[Path]) -> SetupError:
+    return SetupError(
+        f"No FreqMedCLIP checkpoint found in {', '.join(_relative(f) for f in folders)}.\n"
+        "Train the mini ensemble (one run per seed), e.g.\n"
+        "  python -m train.train --config train/configs/mini.yaml --seed 0 --run-dir runs/mini-seed0\n"
+        "and copy runs/mini-seed0/best/ to assets/phantom/checkpoints/mini-seed0/ (model.safetensors + config.json)\n"
+        "(bash train/recipes/phantom.sh and bash train/recipes/public.sh do it all for the phantom and real sets),\n"
+        "or point the demo at checkpoint folders: python app.py --checkpoint DIR [DIR ...]")
 
 
 def resolve_checkpoint(spec: str | Path) -> Path:
@@ -649,23 +738,23 @@ def resolve_checkpoint(spec: str | Path) -> Path:
 
 
 def load_session(checkpoints: Sequence[str | Path] | None = None, backbone: str | None = None, device: str = "cpu",
-                 dtype: str = "fp32", limits: Limits | None = None, search: Path | None = None) -> DemoSession:
+                 dtype: str = "fp32", limits: Limits | None = None, search: Path | None = None,
+                 available: dict[str, tuple[str, ...]] | None = None) -> DemoSession:
     """Load an ensemble for the demo; raises :class:`SetupError` with instructions when it cannot.
 
     Args:
         checkpoints: checkpoint folders or ``hf-hub:OWNER/REPO[/SUBFOLDER]``; by default every ``search/*/`` folder
-            holding a config.json (``search`` defaults to ``assets/checkpoints``).
+            holding a config.json (``search`` defaults to the default model set's folder, ``default_model_set``).
         backbone: ``local-dir:PATH`` or ``hf-hub:ID`` to use instead of the one recorded in the checkpoints.
+        available: checkpoints the out-of-distribution warning may suggest (default: every set's, ``MODEL_ROOTS``).
     """
-    search = DEFAULT_CHECKPOINTS if search is None else Path(search)
-    directories = [resolve_checkpoint(c) for c in checkpoints] if checkpoints else find_checkpoints(search)
-    if not directories:
-        raise SetupError(
-            f"No FreqMedCLIP checkpoint found in {search}.\n"
-            "Train the mini ensemble (one run per seed), e.g.\n"
-            "  python -m train.train --config train/configs/mini.yaml --seed 0 --run-dir runs/mini-seed0\n"
-            "and copy runs/mini-seed0/best/ to assets/checkpoints/mini-seed0/ (model.safetensors + config.json),\n"
-            "or point the demo at checkpoint folders: python app.py --checkpoint DIR [DIR ...]")
+    if checkpoints:
+        directories = [resolve_checkpoint(c) for c in checkpoints]
+    else:
+        folders = [Path(search)] if search is not None else list(MODEL_SETS.values())
+        directories = next((found for found in map(find_checkpoints, folders) if found), [])
+        if not directories:
+            raise _no_checkpoint(folders)
     missing = [str(d) for d in directories if not (d / "config.json").is_file()]
     if missing:
         raise SetupError(f"not a FreqMedCLIP checkpoint folder (no config.json): {', '.join(missing)}")
@@ -682,7 +771,89 @@ def load_session(checkpoints: Sequence[str | Path] | None = None, backbone: str 
     limits = limits or Limits()
     return DemoSession(Predictor(models, device=device, dtype=dtype, max_pixels=limits.max_pixels), limits,
                        domain_reference=find_domain_reference(models[0].clip_backbone.weights_sha256),
-                       available=available_models())
+                       available=available_models() if available is None else available)
+
+
+class ModelSets:
+    """The model sets one page offers, by name: each loaded on first use and kept, so switching back is instant.
+
+    The page's own choice of set lives in each browser tab (``app.py`` keeps the name in a ``gr.State``), so one
+    visitor's switch never changes another's results; loading is serialised by a lock, so two tabs asking for the
+    same set load it once, while sets already loaded keep serving. The initial set is loaded at construction: a broken default stops the app at start-up.
+    """
+
+    def __init__(self, loaders: Mapping[str, Callable[[], DemoSession]], initial: str,
+                 session: DemoSession | None = None) -> None:
+        if initial not in loaders:
+            raise ValueError(f"initial set {initial!r} is not one of {list(loaders)}")
+        self.loaders = dict(loaders)
+        self.initial = initial
+        self._loaded: dict[str, DemoSession] = {} if session is None else {initial: session}
+        self._lock = threading.Lock()
+        self.get(initial)
+
+    @classmethod
+    def single(cls, session: DemoSession, name: str = COMMAND_LINE_MODELS) -> ModelSets:
+        """One set: an already built session (tests, embedding)."""
+        return cls({name: lambda: session}, name, session)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.loaders)
+
+    @property
+    def default(self) -> DemoSession:
+        return self.get(self.initial)
+
+    def get(self, name: str) -> DemoSession:
+        """The set's session, loaded now if it is not yet; raises :class:`SetupError` (nothing is cached then, so
+        a set whose files appear later loads on the next try)."""
+        if name not in self.loaders:
+            raise SetupError(f"unknown model set {name!r}; choose one of: {', '.join(self.loaders)}")
+        if name in self._loaded:        # no lock: a loaded set serves while another tab waits for a slow load
+            return self._loaded[name]
+        with self._lock:
+            if name not in self._loaded:
+                self._loaded[name] = self.loaders[name]()
+            return self._loaded[name]
+
+    def switch(self, name: str, current: str) -> tuple[str, str]:
+        """Try to serve ``name`` instead of ``current``: (the set now serving, a Markdown message). A set that
+        fails to load leaves ``current`` serving, and the message says why."""
+        try:
+            session = self.get(name)
+        except SetupError as error:
+            LOG.warning("model set %r: %s", name, str(error).splitlines()[0])
+            lines = str(error).replace("\n", "  \n")                # Markdown: keep the message's line breaks
+            return current, f"**Could not load {name}:** {lines}\n\nStill serving **{current}**."
+        return name, (f"Now serving **{name}** ({session.n_members} checkpoint{'s' * (session.n_members > 1)}); "
+                      f"press **Segment** to run them.")
+
+
+def open_model_sets(checkpoints: Sequence[str | Path] | None = None, backbone: str | None = None,
+                    device: str = "cpu", dtype: str = "fp32", limits: Limits | None = None,
+                    sets: Mapping[str, Path] | None = None) -> ModelSets:
+    """The demo's model sets: the table ``sets`` (default ``MODEL_SETS``), preceded by ``checkpoints`` when given
+    (explicit checkpoints override the default). Opens on the explicit checkpoints, else on the first set that
+    holds checkpoints; ``backbone`` applies to that initial set only (the others use their recorded backbones)."""
+    sets = MODEL_SETS if sets is None else dict(sets)
+
+    def from_folder(folder: Path, override: str | None = None) -> Callable[[], DemoSession]:
+        # every set's checkpoints and baselines, read when the set loads (a set added since start-up is suggested)
+        return lambda: load_session(None, override, device, dtype, limits, search=folder,
+                                    available=available_models(set_roots(sets)))
+
+    loaders: dict[str, Callable[[], DemoSession]] = {}
+    if checkpoints:
+        loaders[COMMAND_LINE_MODELS] = lambda: load_session(checkpoints, backbone, device, dtype, limits,
+                                                            available=available_models(set_roots(sets)))
+    loaders |= {name: from_folder(folder) for name, folder in sets.items()}
+    initial = COMMAND_LINE_MODELS if checkpoints else default_model_set(sets)
+    if initial is None:
+        raise _no_checkpoint(list(sets.values()))
+    if backbone and not checkpoints:
+        loaders[initial] = from_folder(sets[initial], backbone)
+    return ModelSets(loaders, initial)
 
 
 def find_domain_reference(backbone_sha256: str, root: Path = DOMAIN_REFERENCES) -> DomainReference | None:

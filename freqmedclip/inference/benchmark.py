@@ -2,7 +2,8 @@
 
     python -m freqmedclip.inference.benchmark --preset {mini,full} --device {cpu,cuda} --dtype {fp32,bf16} --json PATH
 
-The backbone has random weights (latency does not depend on weight values, and the full BiomedCLIP cannot be
+Beside its own times it times a plain timm ViT-B/16 forward in the same run and dtype and prints the ratio
+(the project's speed targets are ratios to it). The backbone has random weights (latency does not depend on weight values, and the full BiomedCLIP cannot be
 downloaded everywhere). Timings are medians after warm-up (oneDNN builds its bf16 kernels on the first calls).
 End-to-end latency uses cached text features, as the Predictor does for a repeated prompt; the text stage is
 timed uncached.
@@ -23,6 +24,7 @@ import torch
 
 from freqmedclip.inference.checkpoint import atomic_write
 from freqmedclip.modeling.config import FreqMedCLIPConfig
+from freqmedclip.modeling.backbone import plain_vit_b16
 from freqmedclip.modeling.model import build_model, parameter_report
 from freqmedclip.inference import precision
 from freqmedclip.inference.precision import autocast
@@ -125,6 +127,10 @@ def run(preset: str, device_str: str, dtype: str, warmup: int = 5, repeats: int 
         model.text(prompt)
         latency["end_to_end_bs1"] = median_ms(lambda: model(image1, prompt), device, warmup, repeats)
         latency["end_to_end_bs8"] = median_ms(lambda: model(image8, prompt * 8), device, 2, max(3, repeats // 4)) / 8
+        # the yardstick, in the same run, dtype and autocast: a ratio survives a change of machine, a time does not
+        vit = plain_vit_b16().to(device).eval()
+        latency["vit_b16_bs1"] = median_ms(lambda: vit(image1), device, warmup, repeats)
+        del vit
 
     shapes = {name: list(t.shape[1:]) for name, t in
               dict(s1=s1, s2=s2, s3=s3, s4=s4, f_stem=f_stem, f1=f1, f2=f2, f3=f3).items()}
@@ -138,6 +144,7 @@ def run(preset: str, device_str: str, dtype: str, warmup: int = 5, repeats: int 
         "shapes": shapes,
         "params": parameter_report(model),
         "latency_ms": {k: round(v, 2) for k, v in latency.items()},
+        "end_to_end_bs1_over_vit_b16": round(latency["end_to_end_bs1"] / latency["vit_b16_bs1"], 3),
         "peak_memory_mb": round(peak_mb, 1),
         "peak_memory_kind": memory_kind,
     }
@@ -151,6 +158,8 @@ def format_report(result: dict) -> str:
     lines += [f"  {r['module']:28s} {r['total']:>11,} {r['trainable']:>11,} {r['frozen']:>11,}" for r in result["params"]]
     lines.append("latency (ms, median; end_to_end per image):")
     lines += [f"  {name:16s} {value:9.2f}" for name, value in result["latency_ms"].items()]
+    lines.append(f"end-to-end at batch 1 / plain timm ViT-B/16 forward (same dtype, same run): "
+                 f"{result['end_to_end_bs1_over_vit_b16']:.3f}x")
     lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MB ({result['peak_memory_kind']})")
     return "\n".join(lines)
 

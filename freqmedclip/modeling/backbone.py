@@ -319,22 +319,37 @@ def random_clip_backbone(preset: str = "mini", device: str | torch.device = "cpu
     return backbone
 
 
-def create_frequency_backbone(name: str, in_chans: int, weights: str = "auto") -> tuple[nn.Module, str]:
+def plain_vit_b16() -> nn.Module:
+    """A plain timm ViT-B/16 at 224 with random weights and no head: the speed yardstick of the benchmarks
+    (BiomedCLIP's image tower without its projection; random weights time the same as trained ones)."""
+    import timm
+
+    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+
+
+def create_frequency_backbone(name: str, in_chans: int, weights: str = "auto",
+                              depths: tuple[int, ...] | None = None,
+                              dims: tuple[int, ...] | None = None) -> tuple[nn.Module, str]:
     """A timm ConvNeXt whose 1x1 stride-1 stem takes the Haar sub-bands (Section 3.5).
 
     With ``patch_size=1`` on the 112x112 sub-band grid the stages run at 112, 56, 28 and 14, exactly the
     paper's F_stem, F1, F2, F3. ImageNet weights are used when available (``weights`` a file, or "auto":
     the HuggingFace cache, no network); the 4x4 patch stem is mapped onto the sub-bands by
-    :func:`haar_stem_weights`. Returns ``(model, init)`` where ``init`` records the weights' origin.
+    :func:`haar_stem_weights`. ``depths`` / ``dims`` resize the stages (the mini preset's smaller encoder);
+    ImageNet weights of ``name`` then no longer fit, so "auto" starts from random weights and a file is refused.
+    Returns ``(model, init)`` where ``init`` records the weights' origin.
     """
     import timm
 
-    model = timm.create_model(name, pretrained=False, in_chans=in_chans, patch_size=1, num_classes=0)
+    resized = {key: tuple(value) for key, value in (("depths", depths), ("dims", dims)) if value is not None}
+    model = timm.create_model(name, pretrained=False, in_chans=in_chans, patch_size=1, num_classes=0, **resized)
     model.head = nn.Identity()  # the stages' feature maps are all we use
     path: str | None = None
     if weights not in ("none", "auto"):
+        if resized:
+            raise ValueError(f"{weights}: ImageNet weights of {name} do not fit its stages resized to {resized}")
         path = weights
-    elif weights == "auto":
+    elif weights == "auto" and not resized:
         from huggingface_hub import try_to_load_from_cache
 
         hub_id = model.pretrained_cfg.get("hf_hub_id")

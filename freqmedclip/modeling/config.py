@@ -39,6 +39,8 @@ class FreqMedCLIPConfig:
 
     # Frequency stream (Section 3.5)
     frequency_backbone: str = "convnext_atto"           # any timm ConvNeXt
+    frequency_depths: tuple[int, int, int, int] | None = None   # blocks per stage; None: the timm model's own
+    frequency_dims: tuple[int, int, int, int] | None = None     # channels per stage; None: the timm model's own
     frequency_weights: str = "auto"                      # "auto" (HF cache if present) | "none" | path to file
     freeze_frequency_backbone: bool = False
 
@@ -63,12 +65,18 @@ class FreqMedCLIPConfig:
     bce_weight: float = 1.0                              # lambda
     semantic_aux_weight: float = 0.4                     # alpha
     frequency_aux_weight: float = 0.4                    # beta
+    branch_bce: bool = False                             # also lambda * BCE on each branch (Eq. 20 has Dice only)
 
     def __post_init__(self) -> None:
         self.semantic_layers = tuple(self.semantic_layers)
         self.fpn_channels = tuple(self.fpn_channels)
         self.unet_channels = tuple(self.unet_channels)
         self.decoder_channels = tuple(self.decoder_channels)
+        for name in ("frequency_depths", "frequency_dims"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(getattr(self, name)))
+                if len(getattr(self, name)) != 4:
+                    raise ValueError(f"config.{name} needs 4 values (one per ConvNeXt stage), got {getattr(self, name)}")
         checks = {
             "tca": ("cross_attention", "film", "none"),
             "streams": ("both", "semantic", "frequency", "unet"),
@@ -125,7 +133,9 @@ class FreqMedCLIPConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "mini": dict(),
+    # ConvNeXt-Atto made shallower and narrower (timm's is depths (2, 2, 6, 2), dims (40, 80, 160, 320)): half the
+    # cost of a training step on a CPU (README, "Where a training step goes"); no ImageNet weights fit it.
+    "mini": dict(frequency_depths=(1, 1, 2, 1), frequency_dims=(24, 48, 96, 192)),
     "full": dict(
         backbone=BIOMEDCLIP_HUB,
         context_length=256,

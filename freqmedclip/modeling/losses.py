@@ -21,8 +21,8 @@ class LossTerms(NamedTuple):
     total: Tensor
     dice: Tensor
     bce: Tensor
-    semantic_dice: Tensor
-    frequency_dice: Tensor
+    semantic_dice: Tensor       # the semantic branch term (Dice, + lambda BCE with branch_bce)
+    frequency_dice: Tensor      # the frequency branch term
 
 
 def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
@@ -34,16 +34,24 @@ def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
 
 
 def segmentation_loss(output: SegOutput, target: Tensor, bce_weight: float = 1.0, semantic_weight: float = 0.4,
-                      frequency_weight: float = 0.4) -> LossTerms:
+                      frequency_weight: float = 0.4, branch_bce: bool = False) -> LossTerms:
     """Eq. 20: L = Dice(M, Y) + lambda BCE(M, Y) + alpha Dice(sigma(L_s), Y) + beta Dice(sigma(L_f), Y).
 
+    ``branch_bce`` adds lambda BCE to each branch term: a branch whose logits are very negative everywhere gets
+    almost no gradient from soft Dice (sigma' ~ 0 there) but the full p - y from BCE, so it cannot go silent.
     Branch terms are zero for variants without two branches. target: (B, 1, H, W) in {0, 1}.
     """
+    def branch(logits: Tensor) -> Tensor:
+        term = dice_loss(logits, target)
+        if branch_bce:
+            term = term + bce_weight * F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        return term
+
     dice = dice_loss(output.logits, target)
     bce = F.binary_cross_entropy_with_logits(output.logits.float(), target.float())
     zero = dice.new_zeros(())
     two_branches = output.semantic_logits is not None and output.frequency_logits is not None
-    semantic = dice_loss(output.semantic_logits, target) if two_branches else zero
-    frequency = dice_loss(output.frequency_logits, target) if two_branches else zero
+    semantic = branch(output.semantic_logits) if two_branches else zero
+    frequency = branch(output.frequency_logits) if two_branches else zero
     total = dice + bce_weight * bce + semantic_weight * semantic + frequency_weight * frequency
     return LossTerms(total, dice, bce, semantic, frequency)

@@ -220,7 +220,8 @@ def build_model(config: FreqMedCLIPConfig, backbone: ClipBackbone | None = None,
     frequency_backbone, frequency_init = None, "none"
     if config.uses_frequency:
         weights = config.frequency_weights if load_frequency_weights else "none"
-        frequency_backbone, frequency_init = create_frequency_backbone(config.frequency_backbone, 12, weights)
+        frequency_backbone, frequency_init = create_frequency_backbone(config.frequency_backbone, 12, weights,
+                                                                     config.frequency_depths, config.frequency_dims)
     model = FreqMedCLIP(config, backbone, frequency_backbone)
     model.frequency_init = frequency_init
     return model.to(device)

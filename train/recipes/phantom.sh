@@ -21,13 +21,13 @@ cd "$(dirname "$0")/../.."
 
 DATA=data/phantoms
 BACKBONE=assets/backbones/mini-clip
-ENSEMBLE=assets/checkpoints          # every folder here is a member of the demo's default ensemble
-BASELINES=assets/baselines
+ENSEMBLE=assets/phantom/checkpoints          # every folder here is a member of the demo's default ensemble
+BASELINES=assets/phantom/baselines
 RESULTS=results/phantom
 SEEDS=(0 1 2)
 ABLATIONS=(no_freq no_ffbi no_lffi no_dual_decoder no_tca)
 
-step() { printf '\n== %s (%s UTC)\n' "$*" "$(date -u +%H:%M:%S)"; }
+source train/recipes/common.sh
 
 make_data() {
     step "phantom data -> $DATA"
@@ -38,55 +38,24 @@ pretrain() {
     if [[ "${REBUILD_BACKBONE:-0}" == 1 ]]; then
         step "CLIP pretraining -> runs/mini-clip -> $BACKBONE"
         python -m train.pretrain_clip --data "$DATA" --out runs/mini-clip
-        if ! cmp -s runs/mini-clip/open_clip_model.safetensors "$BACKBONE/open_clip_model.safetensors"; then
-            rm -rf "$BACKBONE.new" && cp -r runs/mini-clip "$BACKBONE.new"      # swapped in whole, never half-copied
-            rm -rf "$BACKBONE.old" && { [[ ! -e "$BACKBONE" ]] || mv "$BACKBONE" "$BACKBONE.old"; }
-            mv "$BACKBONE.new" "$BACKBONE" && rm -rf "$BACKBONE.old"
-        fi
+        swap_in runs/mini-clip "$BACKBONE"
     else
         step "CLIP pretraining (shipped in $BACKBONE: checks its arguments)"
         python -m train.pretrain_clip --data "$DATA" --out "$BACKBONE"
     fi
 }
 
-# train CONFIG:SEED ...: train/configs/CONFIG.yaml into runs/CONFIG-seedSEED (resumes; a finished run does nothing).
-# JOBS=2 runs two at a time with one thread each: on 2 cores ~1.35x the throughput of one run on two threads
-# (measured: 4.5 s/step each instead of 3.0 s/step), each run's log in runs/CONFIG-seedSEED/log.txt.
-train() {
-    if ! [[ "${JOBS:-1}" =~ ^[1-9][0-9]*$ ]]; then
-        echo "JOBS must be a positive integer, got '$JOBS'" >&2
-        exit 2
-    fi
-    step "train $* (${JOBS:-1} at a time)"
-    if [[ "${JOBS:-1}" == 1 ]]; then
-        for spec in "$@"; do python -m train.train --config "train/configs/${spec%:*}.yaml" --seed "${spec#*:}"; done
-    else
-        printf '%s\n' "$@" | OMP_NUM_THREADS=1 xargs -P "$JOBS" -I{} sh -c \
-            'python -m train.train --config "train/configs/${1%:*}.yaml" --seed "${1#*:}" > /dev/null' _ {}
-    fi
-}
-
-# publish RUN DEST: the run's best checkpoint in fp16, unless DEST is already newer than it
-publish() {
-    if [[ ! -f "runs/$1/best/config.json" ]]; then
-        echo "runs/$1/best/config.json is missing: train it first (nothing published)" >&2
-        exit 1
-    fi
-    if [[ "$2/config.json" -nt "runs/$1/best/config.json" ]]; then
-        echo "$2 is up to date with runs/$1"
-        return
-    fi
-    step "publish runs/$1 -> $2"
-    python -m train.export "runs/$1" "$2" --data "$DATA"
-}
+# runs CONFIG:SEED ...: the trainer's flags for train/configs/CONFIG.yaml into runs/CONFIG-seedSEED
+runs() { for spec in "$@"; do printf '%s\n' "--config train/configs/${spec%:*}.yaml --seed ${spec#*:}"; done; }
 
 main_part() {
     make_data
     pretrain
-    train "${SEEDS[@]/#/mini:}" mini_semantic_only:0 mini_frequency_only:0
-    for seed in "${SEEDS[@]}"; do publish "mini-seed$seed" "$ENSEMBLE/mini-seed$seed"; done
-    publish mini_semantic_only-seed0 "$BASELINES/mini_semantic_only"
-    publish mini_frequency_only-seed0 "$BASELINES/mini_frequency_only"
+    mapfile -t flags < <(runs "${SEEDS[@]/#/mini:}" mini_semantic_only:0 mini_frequency_only:0)
+    train "${flags[@]}"
+    for seed in "${SEEDS[@]}"; do publish "mini-seed$seed" "$ENSEMBLE/mini-seed$seed" "$DATA"; done
+    publish mini_semantic_only-seed0 "$BASELINES/mini_semantic_only" "$DATA"
+    publish mini_frequency_only-seed0 "$BASELINES/mini_frequency_only" "$DATA"
     step "evaluate the ensemble and the baselines on the test split -> $RESULTS"
     python -m train.evaluate --data "$DATA" --split test --out "$RESULTS" \
         --runs "FreqMedCLIP-mini (3-seed ensemble)=$ENSEMBLE/mini-seed0,$ENSEMBLE/mini-seed1,$ENSEMBLE/mini-seed2" \
@@ -101,7 +70,8 @@ ablations() {
     pretrain
     local specs=()
     for variant in "${ABLATIONS[@]}"; do specs+=("mini_$variant:0"); done
-    train "${specs[@]}"
+    mapfile -t flags < <(runs "${specs[@]}")
+    train "${flags[@]}"
     step "evaluate the ablations on the test split -> $RESULTS-ablations"
     # The shipped (fp16) seed-0 checkpoint is the reference; seeds 1 and 2 show how much Avg Dice moves with the
     # seed alone, the noise floor of single-seed ablations.

@@ -156,7 +156,9 @@ def write_examples(root: Path, records: list[StructureRecord], examples: Path) -
         shutil.copyfile(Path(root) / rec.image, examples / name)
         entries.append({"image": name, "prompt": rec.prompts[0], "dataset": rec.dataset, "modality": rec.modality})
     path = examples / "examples.json"
-    path.write_text(json.dumps(entries, indent=1) + "\n")
+    # real examples (they carry a "credit") are written by freqmedclip.demo.examples: keep them, first
+    kept = [e for e in json.loads(path.read_text()) if "credit" in e] if path.is_file() else []
+    path.write_text(json.dumps(kept + entries, indent=1, ensure_ascii=False) + "\n")
     return path
 
 

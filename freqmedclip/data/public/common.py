@@ -24,6 +24,13 @@ from freqmedclip.data.public.fetch import LockedFile, read_verified
 STRUCTURE = {"brain": "tumour", "breast": "lesion", "lung": "nodule"}
 DATASET = {"brain": "lgg", "breast": "busbra", "lung": "lidc"}
 MODALITY = {"brain": "MRI", "breast": "US", "lung": "CT"}
+# One line per dataset for checkpoint metadata and the demo (the full texts: LICENSES.md of the converted folder).
+LICENCES = {
+    "lgg": "CC BY-NC-SA 4.0 (LGG segmentation dataset, Buda et al. 2019; TCGA-LGG via TCIA): non-commercial, "
+           "share-alike; weights trained on it carry the same terms",
+    "busbra": "BUS-BRA licence (permissive, keep its notice; cite Gomez-Flores et al., Med Phys 2024)",
+    "lidc": "CC BY 3.0 (LIDC-IDRI via TCIA; cite Armato et al., Med Phys 2011)",
+}
 PROMPTS = {
     "tumour": [
         "brain tumour",
