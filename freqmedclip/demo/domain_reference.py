@@ -2,9 +2,14 @@
 
     python -m freqmedclip.demo.domain_reference --data DIR --out assets/domains/mini-clip-phantoms.safetensors
                                                [--backbone local-dir:assets/backbones/mini-clip] [--per-domain 60]
+                                               [--neighbours 200]
+
+The real-data reference: ``--data data/public --out assets/domains/mini-clip-real-public.safetensors
+--backbone local-dir:assets/backbones/mini-clip-real --per-domain 1000`` (every image of both splits). (The phantom reference was built before
+the k-NN signals with ``--neighbours 0``'s equivalent and is kept so: the distance alone separates there.)
 
 Up to ``--per-domain`` images per dataset from the train split give the feature statistics, the val split the
-threshold (one image per sample id, as stored: 8-bit, / 255, as the demo sees PNG uploads).
+thresholds (one image per sample id, as stored: 8-bit, / 255, as the demo sees PNG uploads).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ def main(argv: list[str] | None = None) -> DomainReference:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--backbone", default="local-dir:assets/backbones/mini-clip")
     parser.add_argument("--per-domain", type=int, default=60, help="images per domain and split at most")
+    parser.add_argument("--neighbours", type=int, default=200,
+                        help="training images per domain stored for the k-NN signals (0: distance only)")
     args = parser.parse_args(argv)
     backbone = load_clip_backbone(args.backbone)
     images: dict[str, dict[str, list[Tensor]]] = {"train": {}, "val": {}}
@@ -43,9 +50,11 @@ def main(argv: list[str] | None = None) -> DomainReference:
     stacked = {split: {d: torch.cat(v) for d, v in by.items()} for split, by in images.items()}
     counts = {d: len(v) for d, v in stacked["train"].items()}
     reference = build_reference(backbone, stacked["train"], stacked["val"],
-                                source=f"{args.data} train {counts}, threshold from val")
+                                source=f"{args.data} train {counts}, thresholds from val",
+                                neighbours=args.neighbours)
     reference.save(args.out)
-    print(f"{args.out}: domains {list(reference.domains)}, threshold {reference.threshold}")
+    print(f"{args.out}: domains {list(reference.domains)}, threshold {reference.threshold}, "
+          f"similarity threshold {reference.similarity_threshold}, pixel threshold {reference.pixel_threshold}")
     return reference
 
 

@@ -344,6 +344,23 @@ def available_models(roots: Sequence[Path] = MODEL_ROOTS) -> dict[str, tuple[str
     return found
 
 
+def _outside_evidence(check: DomainCheck) -> str:
+    """Every signal's value beside its validation threshold, the ones that fired first: what the warning rests on."""
+    parts = {"distance": f"its CLIP feature distance to the nearest, {caption_for(check.nearest)}, is "
+                         f"{check.distance:.2f} (outside above {check.threshold:.2f})"}
+    if check.similarity is not None and check.similarity_threshold is not None:
+        parts["similarity"] = (f"its CLIP embedding's similarity to the nearest training images is "
+                               f"{check.similarity:.2f} (outside below {check.similarity_threshold:.2f})")
+    if check.pixel_distance is not None and check.pixel_threshold is not None:
+        parts["pixels"] = (f"its pixel statistics (sharpness, colour, contrast) are at distance "
+                           f"{check.pixel_distance:.2f} from the nearest training images (outside above "
+                           f"{check.pixel_threshold:.2f})")
+    fired = [parts[r] for r in check.reasons]
+    rest = [text for name, text in parts.items() if name not in check.reasons]
+    return ("; ".join(fired) + (f" (within range: {'; '.join(rest)})" if rest else "")
+            + "; thresholds set from held-out validation images")
+
+
 def domain_note(check: DomainCheck | None, trained: Sequence[str], members_iou: float | None,
                 available: dict[str, tuple[str, ...]]) -> str:
     """Markdown warning beside the verdict when the image looks like none of the training domains, lies nearest a
@@ -356,9 +373,8 @@ def domain_note(check: DomainCheck | None, trained: Sequence[str], members_iou: 
             "No available checkpoint was trained on other images, so none would be better; treat the masks as "
             "meaningless.")
         lines.append(f"### Outside the training data\nThis image does not look like anything the selected models "
-                     f"were trained on ({', '.join(caption_for(d) for d in trained) or 'unknown'}): its CLIP "
-                     f"feature distance to the nearest, {caption_for(check.nearest)}, is {check.distance:.2f} "
-                     f"(training images: up to {check.threshold:.2f}). {suggestion}")
+                     f"were trained on ({', '.join(caption_for(d) for d in trained) or 'unknown'}): "
+                     f"{_outside_evidence(check)}. {suggestion}")
     elif check is not None and trained and check.nearest not in trained:
         lines.append(f"### Different domain\nThe image looks like {caption_for(check.nearest)}, which the selected "
                      f"models were not trained on.")
