@@ -231,10 +231,8 @@ class ImageGroups(Dataset):
             by_dataset: dict[str, list[str]] = {}
             for image, indices in by_image.items():
                 by_dataset.setdefault(dataset.records[indices[0]].dataset, []).append(image)
-            kept = {images[round(i * len(images) / images_per_dataset)]
-                    for images in by_dataset.values() if len(images) > images_per_dataset
-                    for i in range(images_per_dataset)}
-            kept |= {image for images in by_dataset.values() if len(images) <= images_per_dataset for image in images}
+            kept = {images[round(i * len(images) / count)] for images in by_dataset.values()
+                    for count in [min(images_per_dataset, len(images))] for i in range(count)}
             by_image = {image: indices for image, indices in by_image.items() if image in kept}
         size = max_prompts if max_prompts > 0 else len(dataset)
         groups = [g[i:i + size] for g in by_image.values() for i in range(0, len(g), size)]

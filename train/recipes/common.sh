@@ -49,3 +49,15 @@ swap_in() {
     rm -rf "$2.old" && { [[ ! -e "$2" ]] || mv "$2" "$2.old"; }
     mv "$2.new" "$2" && rm -rf "$2.old"
 }
+
+# evaluate_ablations DATA OUT ENSEMBLE RUN_PREFIX: the recipe's $ABLATIONS (runs/<RUN_PREFIX><variant>-seed0) against
+# its shipped $SEEDS (ENSEMBLE/mini-seedN). Seed 0 is the reference; the other seeds show how much Avg Dice moves
+# with the seed alone, the noise floor of single-seed ablations.
+evaluate_ablations() {
+    step "evaluate the ablations on the test split -> $2"
+    local runs=()
+    for seed in "${SEEDS[@]}"; do runs+=("FreqMedCLIP-mini (seed $seed)=$3/mini-seed$seed"); done
+    for variant in "${ABLATIONS[@]}"; do runs+=("$variant=runs/$4$variant-seed0"); done
+    python -m train.evaluate --data "$1" --split test --out "$2" --runs "${runs[@]}" \
+        --full-method "FreqMedCLIP-mini (seed 0)"
+}

@@ -72,14 +72,7 @@ ablations() {
     for variant in "${ABLATIONS[@]}"; do specs+=("mini_$variant:0"); done
     mapfile -t flags < <(runs "${specs[@]}")
     train "${flags[@]}"
-    step "evaluate the ablations on the test split -> $RESULTS-ablations"
-    # The shipped (fp16) seed-0 checkpoint is the reference; seeds 1 and 2 show how much Avg Dice moves with the
-    # seed alone, the noise floor of single-seed ablations.
-    local runs=()
-    for seed in "${SEEDS[@]}"; do runs+=("FreqMedCLIP-mini (seed $seed)=$ENSEMBLE/mini-seed$seed"); done
-    for variant in "${ABLATIONS[@]}"; do runs+=("$variant=runs/mini_$variant-seed0"); done
-    python -m train.evaluate --data "$DATA" --split test --out "$RESULTS-ablations" --runs "${runs[@]}" \
-        --full-method "FreqMedCLIP-mini (seed 0)"
+    evaluate_ablations "$DATA" "$RESULTS-ablations" "$ENSEMBLE" mini_
 }
 
 case "${1:-main}" in

@@ -77,12 +77,7 @@ ablations() {
     for variant in "${ABLATIONS[@]}"; do specs+=("$variant:0"); done
     mapfile -t flags < <(runs "${specs[@]}")
     train "${flags[@]}"
-    step "evaluate the ablations on the test split -> $RESULTS-ablations"
-    local runs=()
-    for seed in "${SEEDS[@]}"; do runs+=("FreqMedCLIP-mini (seed $seed)=$ENSEMBLE/mini-seed$seed"); done
-    for variant in "${ABLATIONS[@]}"; do runs+=("$variant=runs/public_$variant-seed0"); done
-    python -m train.evaluate --data "$DATA" --split test --out "$RESULTS-ablations" --runs "${runs[@]}" \
-        --full-method "FreqMedCLIP-mini (seed 0)"
+    evaluate_ablations "$DATA" "$RESULTS-ablations" "$ENSEMBLE" public_
 }
 
 case "${1:-main}" in
