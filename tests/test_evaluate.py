@@ -141,6 +141,26 @@ def test_ensemble_averages_member_probabilities(evaluated, tiny_dataset, checkpo
     assert (saved != single).any()                 # the second member changed the prediction
 
 
+def test_branch_dice_is_each_streams_own_mask_scored_against_the_target(evaluated, tiny_dataset, checkpoints,
+                                                                          mini_backbone):
+    out, result = evaluated
+    dataset = SegmentationDataset(tiny_dataset, "test", train=False)
+    model = load_ensemble([checkpoints[0]], backbone=mini_backbone)[0]
+    rows = read_rows(out / "cases_single.csv")
+    for index, record in enumerate(dataset.records):
+        item, gt = dataset[index], load_mask(tiny_dataset, record)
+        with torch.no_grad():     # independent of the predictor: the model's own branch logits, sigmoid, threshold
+            output = model(item["image"][None], [item["prompt"]])
+        row = next(r for r in rows if (r["sample_id"], r["structure"]) == (record.sample_id, record.structure))
+        for branch, logits in (("semantic", output.semantic_logits), ("frequency", output.frequency_logits)):
+            mask = (resize_to(torch.sigmoid(logits), SHAPE)[0, 0] >= 0.5).numpy()
+            assert float(row[f"{branch}_dice"]) == pytest.approx(metrics.dice(mask, gt), abs=0.02)
+    positives = [r for r in rows if r["positive"] == "True" and r["dataset"] == "alpha"]
+    expected = sum(float(r["semantic_dice"]) for r in positives) / len(positives)
+    assert result["branch_dice"]["single"]["alpha"]["semantic"] == pytest.approx(expected)
+    assert "## Branches" in (out / "tables.md").read_text()
+
+
 def test_bad_runs_spec_is_refused(tiny_dataset, tmp_path):
     with pytest.raises(SystemExit, match="NAME=DIR"):
         evaluate.main(["--runs", "no-equals-sign", "--data", str(tiny_dataset), "--out", str(tmp_path)])

@@ -62,7 +62,8 @@ from freqmedclip.inference.predictor import Predictor
 from freqmedclip.inference.preprocess import resize_to
 
 CSV_COLUMNS = ("method", "sample_id", "subject_id", "dataset", "structure", "prompt", "positive", "dice", "iou", "hd",
-               "hd95", "assd", "nsd", "pred_area", "gt_empty", "pred_empty", "time_ms")
+               "hd95", "assd", "nsd", "pred_area", "gt_empty", "pred_empty", "time_ms", "semantic_dice", "frequency_dice")
+BRANCHES = ("semantic", "frequency")   # each branch's own mask, sigma(L_s) / sigma(L_f) >= threshold, scored by Dice
 METRIC_COLUMNS = {"dice": "dice", "iou": "iou", "hausdorff": "hd", "hd95": "hd95", "assd": "assd", "nsd": "nsd"}
 NEGATIVE_AREA = 0.01            # a negative prompt is "respected" when less than 1 % of the image is predicted
 # Phrases never used in training (disjoint from freqmedclip.data.dataset.UNRELATED_TRAIN_PROMPTS, tested): asked of
@@ -154,12 +155,17 @@ def evaluate_method(method: Method, dataset: SegmentationDataset, device: torch.
         image = item["image"][None].to(device)                                        # (1, 3, 224, 224)
         synchronize(device)
         start = time.perf_counter()
-        probability = predictor.predict_tensor(image, [item["prompt"]])["probability"]  # (1, 1, 224, 224)
+        maps = predictor.predict_tensor(image, [item["prompt"]])                      # each (1, 1, 224, 224)
         synchronize(device)
         times.append((time.perf_counter() - start) * 1000)
-        if tuple(probability.shape[-2:]) != gt.shape:
-            probability = resize_to(probability, gt.shape)                            # bilinear to the mask grid
-        pred = (probability[0, 0] >= threshold).cpu().numpy()
+
+        def on_mask_grid(probability: torch.Tensor) -> np.ndarray:                      # bilinear, then threshold
+            if tuple(probability.shape[-2:]) != gt.shape:
+                probability = resize_to(probability, gt.shape)
+            return (probability[0, 0] >= threshold).cpu().numpy()
+        pred = on_mask_grid(maps["probability"])
+        branch_dice = {f"{b}_dice": math.nan if maps[b] is None else metrics.dice(on_mask_grid(maps[b]), gt)
+                       for b in BRANCHES}
         if save_masks is not None:
             save_masks.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pred.astype(np.uint8) * 255).save(save_masks / Path(mask_path(record.sample_id,
@@ -170,7 +176,7 @@ def evaluate_method(method: Method, dataset: SegmentationDataset, device: torch.
             "dataset": record.dataset, "structure": record.structure, "prompt": item["prompt"],
             "positive": record.positive, **{k: values[k] for k in metrics.METRIC_NAMES},
             "pred_area": float(pred.mean()), "gt_empty": values["gt_empty"], "pred_empty": values["pred_empty"],
-            "time_ms": times[-1],
+            "time_ms": times[-1], **branch_dice,
         })
 
     images: dict[str, int] = {}
@@ -312,6 +318,30 @@ def negative_table(methods: Sequence[Method], checks: dict[str, dict[str, Any]])
     return markdown_table([*header, "Unrelated phrases (held out)"], body)
 
 
+def branch_rows(methods: Sequence[Method], headline: dict[str, str]) -> dict[str, dict[str, dict[str, float]]]:
+    """{method: {dataset: {"fused", "semantic", "frequency": mean Dice}}} over the positive cases of the headline
+    structures, for methods whose branches both answer (two-stream models)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for m in methods:
+        rows = [r for r in m.rows if r["positive"] and headline.get(r["dataset"]) == r["structure"]]
+        if not rows or any(math.isnan(r[f"{b}_dice"]) for r in rows for b in BRANCHES):
+            continue
+        out[m.name] = {}
+        for dataset in dict.fromkeys(r["dataset"] for r in rows):
+            group = [r for r in rows if r["dataset"] == dataset]
+            out[m.name][dataset] = {"fused": statistics.fmean(r["dice"] for r in group),
+                                    **{b: statistics.fmean(r[f"{b}_dice"] for r in group) for b in BRANCHES}}
+    return out
+
+
+def branch_table(branches: dict[str, dict[str, dict[str, float]]]) -> str:
+    datasets = list(dict.fromkeys(d for per in branches.values() for d in per))
+    header = ["Method", *(f"{d}: fused / semantic / frequency" for d in datasets)]
+    body = [[name, *(" / ".join(f"{per[d][k]:.3f}" for k in ("fused", *BRANCHES)) if d in per else "n/a"
+                     for d in datasets)] for name, per in branches.items()]
+    return markdown_table(header, body)
+
+
 def empty_table(methods: Sequence[Method], counts: dict[str, dict[str, int]]) -> str:
     keys = ("n_cases", "n_gt_empty", "n_pred_empty", "n_both_empty", "n_one_empty", "n_missed", "n_false_alarm")
     labels = ("cases", "GT empty", "pred empty", "both empty (perfect)", "one empty (worst-case)",
@@ -324,6 +354,7 @@ def build_tables(methods: Sequence[Method], headline: dict[str, str], positive_s
                  counts: dict[str, dict[str, int]], args: argparse.Namespace, device: torch.device, full: str) -> str:
     table_rows = [r for r in positive_summary if headline.get(r["dataset"]) == r["structure"]]
     names = [m.name for m in methods]
+    branches = branch_rows(methods, headline)
     structures = ", ".join(f"{d}: {s}" for d, s in headline.items())
     parts = [
         f"# Evaluation on `{args.data}` split `{args.split}`\n",
@@ -345,6 +376,8 @@ def build_tables(methods: Sequence[Method], headline: dict[str, str], positive_s
         summary.efficiency_table([m.efficiency for m in methods]),
         (f"Per image at batch 1 (ensembles: all members), mean ± SD over {methods[0].efficiency['n_timed']} cases "
          f"after {args.warmup} warm-up passes; memory: {methods[0].efficiency['peak_memory_kind']}.\n"),
+        "## Branches: each stream's own mask (Dice, positive cases of the headline structures)\n",
+        branch_table(branches) if branches else "No two-stream method.\n",
         f"## Negative prompts: share of GT-empty cases with predicted area < {NEGATIVE_AREA:.0%}\n",
         negative_table(methods, checks),
         ("Unrelated phrases: every image of the split asked " + ", ".join(f"'{p}'" for p in HELD_OUT_UNRELATED_PROMPTS)
@@ -436,6 +469,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "negative_prompt_check": checks[m.name],
                              "unrelated_prompt_check": unrelated_check(m)} for m in methods},
         "summary_positive": positive_summary, "summary_all": all_summary, "summary_subgroups": subgroups,
+        "branch_dice": branch_rows(methods, headline),
     }
     atomic_write(args.out / "summary.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     atomic_write(args.out / "tables.md", lambda tmp: tmp.write_text(tables))
