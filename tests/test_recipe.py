@@ -1,4 +1,4 @@
-"""train/recipes/phantom.sh: the steps it runs, in order, with a stand-in `python` that only records its calls."""
+"""train/recipes/phantom.sh and public.sh: the steps they run, in order, with a stand-in `python` that only records its calls."""
 
 from __future__ import annotations
 
@@ -49,21 +49,34 @@ fi
     return run
 
 
+PREPARE = ["-m freqmedclip.data.public --out data/public --workers 2 [threads=]",   # the copy has no ../shared mirror
+           "-m freqmedclip.data.phantoms --out data/phantoms --workers 2 [threads=]",
+           "-m train.pretrain_clip --data data/public data/phantoms --epochs 6 --out assets/backbones/mini-clip-real "
+           "[threads=]"]
+
+
 def test_main_part_runs_data_backbone_five_trainings_publishing_and_evaluation_in_order(recorded):
     calls = recorded()
-    assert calls[:2] == ["-m freqmedclip.data.phantoms --out data/phantoms --workers 2 [threads=]",
-                         "-m train.pretrain_clip --data data/phantoms --out assets/backbones/mini-clip [threads=]"]
-    assert calls[2:7] == [f"-m train.train --config train/configs/{c}.yaml --seed {s} [threads=]" for c, s in
-                          (("mini", 0), ("mini", 1), ("mini", 2), ("mini_semantic_only", 0),
-                           ("mini_frequency_only", 0))]
-    assert calls[7:12] == [f"-m train.export runs/{run} {dest} --data data/phantoms [threads=]" for run, dest in
-                           (("mini-seed0", "assets/phantom/checkpoints/mini-seed0"),
-                            ("mini-seed1", "assets/phantom/checkpoints/mini-seed1"),
-                            ("mini-seed2", "assets/phantom/checkpoints/mini-seed2"),
-                            ("mini_semantic_only-seed0", "assets/phantom/baselines/mini_semantic_only"),
-                            ("mini_frequency_only-seed0", "assets/phantom/baselines/mini_frequency_only"))]
-    assert calls[12].startswith("-m train.evaluate --data data/phantoms --split test --out results/phantom ")
-    assert f"FreqMedCLIP-mini (3-seed ensemble)={ENSEMBLE}" in calls[12] and len(calls) == 13
+    assert calls[:3] == PREPARE     # one backbone for both recipes: the shipped one is only checked
+    specs = (("full", 0), ("full", 1), ("full", 2), ("semantic_only", 0), ("frequency_only", 0))
+    assert calls[3:8] == [f"-m train.train --config train/configs/phantom.yaml --variant {v} --seed {s} "
+                          f"--run-dir runs/phantom_{v}-seed{s} [threads=]" for v, s in specs]
+    assert calls[8:13] == [f"-m train.export runs/{run} {dest} --data data/phantoms [threads=]" for run, dest in
+                           (("phantom_full-seed0", "assets/phantom/checkpoints/mini-seed0"),
+                            ("phantom_full-seed1", "assets/phantom/checkpoints/mini-seed1"),
+                            ("phantom_full-seed2", "assets/phantom/checkpoints/mini-seed2"),
+                            ("phantom_semantic_only-seed0", "assets/phantom/baselines/mini_semantic_only"),
+                            ("phantom_frequency_only-seed0", "assets/phantom/baselines/mini_frequency_only"))]
+    assert calls[13].startswith("-m train.evaluate --data data/phantoms --split test --out results/phantom ")
+    assert f"FreqMedCLIP-mini (3-seed ensemble)={ENSEMBLE}" in calls[13] and len(calls) == 14
+
+
+def test_rebuilding_the_backbone_pretrains_into_runs_and_copies_it_to_assets(recorded):
+    calls = recorded(REBUILD_BACKBONE="1")
+    assert calls[2] == ("-m train.pretrain_clip --data data/public data/phantoms --epochs 6 --out runs/mini-clip-real "
+                        "[threads=]")
+    shipped = recorded.repo / "assets" / "backbones" / "mini-clip-real" / "open_clip_model.safetensors"
+    assert shipped.read_text() == "weights\n"      # what the recording pretraining wrote in runs/mini-clip-real
 
 
 def test_two_jobs_train_with_one_thread_each(recorded):
@@ -72,24 +85,25 @@ def test_two_jobs_train_with_one_thread_each(recorded):
 
 
 def test_an_up_to_date_checkpoint_is_not_published_again(recorded):
-    run, dest = recorded.repo / "runs" / "mini-seed1" / "best", recorded.repo / "assets" / "phantom" / "checkpoints" / "mini-seed1"
+    run = recorded.repo / "runs" / "phantom_full-seed1" / "best"
+    dest = recorded.repo / "assets" / "phantom" / "checkpoints" / "mini-seed1"
     run.mkdir(parents=True)
     dest.mkdir(parents=True)
     (run / "config.json").write_text("{}")
     os.utime(run / "config.json", (1_000_000, 1_000_000))
     (dest / "config.json").write_text("{}")
     exports = [c for c in recorded() if c.startswith("-m train.export")]
-    assert len(exports) == 4 and not any("runs/mini-seed1 " in c for c in exports)
+    assert len(exports) == 4 and not any("runs/phantom_full-seed1 " in c for c in exports)
 
 
 def test_ablations_train_every_table_4_variant_and_compare_with_the_shipped_seeds(recorded):
     calls = recorded("ablations")
-    trainings = [c.split("configs/")[1].split(".yaml")[0] for c in calls if c.startswith("-m train.train")]
-    assert trainings == ["mini_no_freq", "mini_no_ffbi", "mini_no_lffi", "mini_no_dual_decoder", "mini_no_tca"]
+    trainings = [c.split("--variant ")[1].split(" ")[0] for c in calls if c.startswith("-m train.train")]
+    assert trainings == ["no_freq", "no_ffbi", "no_lffi", "no_dual_decoder", "no_tca"]
     assert calls[-1].startswith("-m train.evaluate")
     for seed in (0, 1, 2):   # seed 0 is the reference; seeds 1-2 give the seed-to-seed spread
         assert f"FreqMedCLIP-mini (seed {seed})=assets/phantom/checkpoints/mini-seed{seed}" in calls[-1]
-    assert "no_tca=runs/mini_no_tca-seed0" in calls[-1]
+    assert "no_tca=runs/phantom_no_tca-seed0" in calls[-1]
     assert '--full-method FreqMedCLIP-mini (seed 0)' in calls[-1]
     assert "--out results/phantom-ablations" in calls[-1]
 
@@ -97,7 +111,7 @@ def test_ablations_train_every_table_4_variant_and_compare_with_the_shipped_seed
 def test_publishing_refuses_a_run_that_does_not_exist(recorded):
     with pytest.raises(subprocess.CalledProcessError) as error:
         recorded(NO_RUNS="1")
-    assert "runs/mini-seed0/best/config.json is missing" in error.value.stderr
+    assert "runs/phantom_full-seed0/best/config.json is missing" in error.value.stderr
 
 
 @pytest.mark.parametrize("jobs", ["0", "two"])
@@ -115,10 +129,7 @@ def test_unknown_stage_is_refused(recorded):
 
 def test_public_recipe_runs_data_backbone_trainings_publishing_and_evaluation_in_order(recorded):
     calls = recorded(recipe="public.sh")      # the copied repository has no ../shared mirror: it downloads
-    assert calls[:3] == ["-m freqmedclip.data.public --out data/public --workers 2 [threads=]",
-                         "-m freqmedclip.data.phantoms --out data/phantoms --workers 2 [threads=]",
-                         "-m train.pretrain_clip --data data/public data/phantoms --out runs/mini-clip-real --epochs 6 "
-                         "[threads=]"]
+    assert calls[:3] == PREPARE
     specs = (("full", 0), ("full", 1), ("full", 2), ("frequency_only", 0), ("semantic_only", 0))
     assert calls[3:8] == [f"-m train.train --config train/configs/public.yaml --variant {v} --seed {s} "
                           f"--run-dir runs/public_{v}-seed{s} [threads=]" for v, s in specs]

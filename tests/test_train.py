@@ -73,7 +73,7 @@ def read_rows(run_dir: Path) -> list[dict]:
 def test_config_parses_and_builds(config, mini_backbone):
     args = trainer.parse_args(["--config", str(config)])
     assert args.variant == (config.stem[len("mini_"):] if config.stem.startswith("mini_") else "full")
-    assert args.preset == ("mini" if config.stem == "public" else config.stem.split("_")[0])
+    assert args.preset == ("mini" if config.stem in ("public", "phantom") else config.stem.split("_")[0])
     assert args.run_dir == str(Path("runs") / f"{config.stem}-seed{args.seed}")   # seeds never share a run
     model = trainer.make_model(args, mini_backbone)
     assert (model.config.preset, model.config.variant) == (args.preset, args.variant)

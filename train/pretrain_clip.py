@@ -1,6 +1,6 @@
 """Contrastive pretraining of the offline ``mini`` CLIP (BiomedCLIP's stand-in) on image-caption pairs.
 
-    python -m train.pretrain_clip --data DIR --out assets/backbones/mini-clip [--epochs N] [--batch-size B]
+    python -m train.pretrain_clip --data DIR [DIR ...] --out runs/mini-clip [--epochs N] [--batch-size B]
         [--lr LR] [--seed S] [--amp auto|bf16|fp32] [--workers N] [--max-steps N] [--save-dtype fp16|fp32] [--force]
 
 The ``mini`` preset's CLIP (ViT-Tiny/16 + a 4-layer BERT with a character-fallback WordPiece vocabulary,
@@ -366,7 +366,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group = parser.add_argument_group("data")
     group.add_argument("--data", type=Path, nargs="+", required=True,
                        help="one or more dataset roots (freqmedclip.data.format), pooled")
-    group.add_argument("--out", type=Path, default=Path("assets/backbones/mini-clip"))
+    group.add_argument("--out", type=Path, default=Path("runs/mini-clip"))   # the shipped one: train/recipes/common.sh
     group.add_argument("--train-split", default="train")
     group.add_argument("--val-split", default="val")
     group = parser.add_argument_group("model")

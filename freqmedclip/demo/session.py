@@ -105,7 +105,7 @@ def set_roots(sets: Mapping[str, Path]) -> tuple[Path, ...]:
 
 
 MODEL_ROOTS = set_roots(MODEL_SETS)
-DEFAULT_BACKBONE = "local-dir:assets/backbones/mini-clip"
+DEFAULT_BACKBONE = "local-dir:assets/backbones/mini-clip-real"
 DOMAIN_REFERENCES = ASSETS / "domains"
 FAST_GRADCAM = "Grad-CAM (fast, fixed scale)"
 CAM_METHODS = (FAST_GRADCAM, *LIBRARY_CAM_METHODS)
@@ -785,8 +785,10 @@ def load_session(checkpoints: Sequence[str | Path] | None = None, backbone: str 
                          f"{DEFAULT_BACKBONE[len('local-dir:'):]}; pass --backbone local-dir:PATH or "
                          f"hf-hub:ID") from error
     limits = limits or Limits()
+    trained = [training_data(getattr(m, "checkpoint_header", None)) for m in models]
+    domains = sorted({d for t in trained if t is not None for d in t.domains})
     return DemoSession(Predictor(models, device=device, dtype=dtype, max_pixels=limits.max_pixels), limits,
-                       domain_reference=find_domain_reference(models[0].clip_backbone.weights_sha256),
+                       domain_reference=find_domain_reference(models[0].clip_backbone.weights_sha256, domains),
                        available=available_models() if available is None else available)
 
 
@@ -872,11 +874,14 @@ def open_model_sets(checkpoints: Sequence[str | Path] | None = None, backbone: s
     return ModelSets(loaders, initial)
 
 
-def find_domain_reference(backbone_sha256: str, root: Path = DOMAIN_REFERENCES) -> DomainReference | None:
-    """The domain reference (``root/*.safetensors``) built on this backbone's features, if any."""
+def find_domain_reference(backbone_sha256: str, domains: Sequence[str] = (),
+                          root: Path = DOMAIN_REFERENCES) -> DomainReference | None:
+    """The domain reference (``root/*.safetensors``) built on this backbone's features and knowing every one of
+    ``domains`` (the models' training domains), if any. One backbone serves the phantom and the real-data sets,
+    each with its own reference: its thresholds come from its own domains' validation images."""
     for path in sorted(Path(root).glob("*.safetensors")) if Path(root).is_dir() else []:
         reference = DomainReference.load(path)
-        if reference.backbone_sha256 == backbone_sha256:
+        if reference.backbone_sha256 == backbone_sha256 and set(domains) <= set(reference.domains):
             return reference
     return None
 

@@ -146,8 +146,8 @@ def resolve_backbone_files(source: str) -> tuple[Path, Path, dict[str, Any]]:
         directory = resolve_local_dir(source[len(LOCAL_PREFIX):])
         config_path = directory / "open_clip_config.json"
         if not config_path.is_file():
-            hint = (f" The offline mini backbone is made by `python -m freqmedclip.data.phantoms --out data/phantoms && "
-                    f"python -m train.pretrain_clip --data data/phantoms --out {MINI_BACKBONE_DIR}`."
+            hint = (f" The offline mini backbone is made by the pretraining step of `bash train/recipes/public.sh` "
+                    f"(the real public data and the phantoms, then copied to {MINI_BACKBONE_DIR})."
                     if directory == (REPO_ROOT / MINI_BACKBONE_DIR) else "")
             raise BackboneNotFoundError(
                 f"{source}: no open_clip_config.json in {directory.resolve()}. A backbone directory needs "

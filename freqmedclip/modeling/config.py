@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BIOMEDCLIP_HUB = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
-MINI_BACKBONE_DIR = "assets/backbones/mini-clip"
+MINI_BACKBONE_DIR = "assets/backbones/mini-clip-real"
 
 
 @dataclass

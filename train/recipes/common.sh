@@ -50,6 +50,42 @@ swap_in() {
     mv "$2.new" "$2" && rm -rf "$2.old"
 }
 
+# backbone: the mini CLIP backbone both recipes train on, pretrained on the real train images AND the phantoms.
+# The shipped one (assets/backbones/mini-clip-real) is kept, because every checkpoint is tied to its exact weights
+# (their configs hold its sha256): pretraining then only checks that it was made with these arguments. With
+# REBUILD_BACKBONE=1 it is pretrained into runs/mini-clip-real (resumable) and copied over the shipped one, and every
+# segmentation run of both recipes must then be trained again (an old run refuses to resume on other weights).
+# Needs data/public and data/phantoms (make_public_data, make_phantom_data).
+BACKBONE=assets/backbones/mini-clip-real
+PRETRAIN_ARGS=(--data data/public data/phantoms --epochs 6)
+backbone() {
+    if [[ "${REBUILD_BACKBONE:-0}" == 1 ]]; then
+        step "CLIP pretraining on data/public + data/phantoms -> runs/mini-clip-real -> $BACKBONE"
+        python -m train.pretrain_clip "${PRETRAIN_ARGS[@]}" --out runs/mini-clip-real
+        swap_in runs/mini-clip-real "$BACKBONE"
+    else
+        step "CLIP pretraining (shipped in $BACKBONE: checks its arguments)"
+        python -m train.pretrain_clip "${PRETRAIN_ARGS[@]}" --out "$BACKBONE"
+    fi
+}
+
+# make_public_data: the real public files from $MIRROR (default ../shared/public-data, a byte-identical mirror) when
+# it exists, else from their GitHub URLs (freqmedclip/data/public/lock.tsv pins every file's sha256)
+make_public_data() {
+    step "real public data -> data/public"
+    local mirror=${MIRROR:-../shared/public-data}
+    if [[ -d "$mirror" ]]; then
+        python -m freqmedclip.data.public --out data/public --mirror "$mirror" --workers 2
+    else
+        python -m freqmedclip.data.public --out data/public --workers 2
+    fi
+}
+
+make_phantom_data() {
+    step "phantom data -> data/phantoms"
+    python -m freqmedclip.data.phantoms --out data/phantoms --workers 2
+}
+
 # evaluate_ablations DATA OUT ENSEMBLE RUN_PREFIX: the recipe's $ABLATIONS (runs/<RUN_PREFIX><variant>-seed0) against
 # its shipped $SEEDS (ENSEMBLE/mini-seedN). Seed 0 is the reference; the other seeds show how much Avg Dice moves
 # with the seed alone, the noise floor of single-seed ablations.

@@ -1,61 +1,49 @@
 #!/usr/bin/env bash
-# The phantom benchmark recipe: regenerates what assets/ ships and the README's phantom results.
+# The phantom benchmark recipe: regenerates what assets/phantom/ ships and the README's phantom results.
 #
-#   bash train/recipes/phantom.sh            # main part: data, CLIP backbone, 3 seeds, 2 baselines, publish, evaluate
+#   bash train/recipes/phantom.sh            # main part: data, backbone check, 3 seeds, 2 baselines, publish, evaluate
 #   bash train/recipes/phantom.sh ablations  # the Table 4 ablations (one seed each), then their evaluation
 #   bash train/recipes/phantom.sh all        # both
 #
+# The backbone is the one of train/recipes/public.sh (pretrained on the real train images and the phantoms), so the
+# phantom and the real-data checkpoints share it; that needs the real data too (train/recipes/common.sh, backbone).
 # Every step skips what is finished and resumes what was interrupted (the trainer resumes from
-# runs/<config>-seed<seed>/latest), so the recipe can be completed in several sittings: run it again.
+# runs/phantom_<variant>-seed<seed>/latest), so the recipe can be completed in several sittings: run it again.
 #
-# The shipped mini CLIP backbone is kept, because the checkpoints are tied to its exact weights (their configs
-# hold its sha256); pretraining is then a check that it was made with this recipe's arguments. To rebuild it too,
-# set REBUILD_BACKBONE=1: it is pretrained into runs/mini-clip and copied over assets/backbones/mini-clip, and
-# every segmentation run must then be trained again (an old run refuses to resume on other backbone weights).
-#
-# Budget on this project's 2-core CPU (fp32): data 25 s, pretraining ~14 min, each segmentation run ~25-30 min
-# (12 epochs x 36 steps of 8, ~2.3 min per epoch alone on both cores, + 4 validations), publishing ~1.5 min per
-# checkpoint, the evaluation ~6 min. On a CUDA machine the same commands run there (autocast bf16).
+# Budget on this project's 2-core AMD EPYC (fp32): data 1 min, each segmentation run (train/configs/phantom.yaml,
+# 480 steps of batch 8) ~30 min with JOBS=2 (two at a time, one thread each), publishing ~1 min per checkpoint,
+# the evaluation ~6 min. On a CUDA machine the same commands run there (autocast bf16).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source train/recipes/common.sh
 
 DATA=data/phantoms
-BACKBONE=assets/backbones/mini-clip
-ENSEMBLE=assets/phantom/checkpoints          # every folder here is a member of the demo's default ensemble
+ENSEMBLE=assets/phantom/checkpoints          # every folder here is a member of the demo's phantom ensemble
 BASELINES=assets/phantom/baselines
 RESULTS=results/phantom
 SEEDS=(0 1 2)
 ABLATIONS=(no_freq no_ffbi no_lffi no_dual_decoder no_tca)
 
-source train/recipes/common.sh
-
-make_data() {
-    step "phantom data -> $DATA"
-    python -m freqmedclip.data.phantoms --out "$DATA" --workers 2
+prepare() {
+    make_public_data
+    make_phantom_data
+    backbone
 }
 
-pretrain() {
-    if [[ "${REBUILD_BACKBONE:-0}" == 1 ]]; then
-        step "CLIP pretraining -> runs/mini-clip -> $BACKBONE"
-        python -m train.pretrain_clip --data "$DATA" --out runs/mini-clip
-        swap_in runs/mini-clip "$BACKBONE"
-    else
-        step "CLIP pretraining (shipped in $BACKBONE: checks its arguments)"
-        python -m train.pretrain_clip --data "$DATA" --out "$BACKBONE"
-    fi
+# runs VARIANT:SEED ...: the trainer's flags for train/configs/phantom.yaml into runs/phantom_VARIANT-seedSEED
+runs() {
+    for spec in "$@"; do
+        printf '%s\n' "--config train/configs/phantom.yaml --variant ${spec%:*} --seed ${spec#*:} --run-dir runs/phantom_${spec%:*}-seed${spec#*:}"
+    done
 }
-
-# runs CONFIG:SEED ...: the trainer's flags for train/configs/CONFIG.yaml into runs/CONFIG-seedSEED
-runs() { for spec in "$@"; do printf '%s\n' "--config train/configs/${spec%:*}.yaml --seed ${spec#*:}"; done; }
 
 main_part() {
-    make_data
-    pretrain
-    mapfile -t flags < <(runs "${SEEDS[@]/#/mini:}" mini_semantic_only:0 mini_frequency_only:0)
+    prepare
+    mapfile -t flags < <(runs "${SEEDS[@]/#/full:}" semantic_only:0 frequency_only:0)
     train "${flags[@]}"
-    for seed in "${SEEDS[@]}"; do publish "mini-seed$seed" "$ENSEMBLE/mini-seed$seed" "$DATA"; done
-    publish mini_semantic_only-seed0 "$BASELINES/mini_semantic_only" "$DATA"
-    publish mini_frequency_only-seed0 "$BASELINES/mini_frequency_only" "$DATA"
+    for seed in "${SEEDS[@]}"; do publish "phantom_full-seed$seed" "$ENSEMBLE/mini-seed$seed" "$DATA"; done
+    publish phantom_semantic_only-seed0 "$BASELINES/mini_semantic_only" "$DATA"
+    publish phantom_frequency_only-seed0 "$BASELINES/mini_frequency_only" "$DATA"
     step "evaluate the ensemble and the baselines on the test split -> $RESULTS"
     python -m train.evaluate --data "$DATA" --split test --out "$RESULTS" \
         --runs "FreqMedCLIP-mini (3-seed ensemble)=$ENSEMBLE/mini-seed0,$ENSEMBLE/mini-seed1,$ENSEMBLE/mini-seed2" \
@@ -66,13 +54,12 @@ main_part() {
 }
 
 ablations() {
-    make_data
-    pretrain
+    prepare
     local specs=()
-    for variant in "${ABLATIONS[@]}"; do specs+=("mini_$variant:0"); done
+    for variant in "${ABLATIONS[@]}"; do specs+=("$variant:0"); done
     mapfile -t flags < <(runs "${specs[@]}")
     train "${flags[@]}"
-    evaluate_ablations "$DATA" "$RESULTS-ablations" "$ENSEMBLE" mini_
+    evaluate_ablations "$DATA" "$RESULTS-ablations" "$ENSEMBLE" phantom_
 }
 
 case "${1:-main}" in

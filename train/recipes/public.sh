@@ -9,41 +9,28 @@
 # Data: the public files are read from $MIRROR (default ../shared/public-data, a byte-identical mirror) when it
 # exists, else downloaded from their GitHub URLs (freqmedclip/data/public/lock.tsv pins every file's sha256).
 # The mini CLIP backbone is pretrained on the real train images AND the phantoms, so one backbone serves both
-# benchmarks; it goes to runs/mini-clip-real and is copied to assets/backbones/mini-clip-real.
+# benchmarks: the shipped assets/backbones/mini-clip-real is checked, or rebuilt with REBUILD_BACKBONE=1
+# (train/recipes/common.sh, backbone).
 #
 # Every step skips what is finished and resumes what was interrupted (train/recipes/common.sh); run it again after
-# an interruption. Budget on this project's 2-core AMD EPYC (fp32): data 30 s, pretraining ~25 min, each
-# segmentation run ~25 min alone (JOBS=2: two at a time, ~30 min per pair), publishing ~1 min per checkpoint,
+# an interruption. Budget on this project's 2-core AMD EPYC (fp32): data 1 min, the backbone check seconds
+# (pretraining with REBUILD_BACKBONE=1: 26 min), each segmentation run ~25 min alone (JOBS=2: two at a time, ~30 min per pair), publishing ~1 min per checkpoint,
 # the evaluation ~10 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source train/recipes/common.sh
 
 DATA=data/public
-PHANTOMS=data/phantoms
-MIRROR=${MIRROR:-../shared/public-data}
-BACKBONE=assets/backbones/mini-clip-real
 ENSEMBLE=assets/public/checkpoints     # every folder here is a member of the demo's default ensemble
 BASELINES=assets/public/baselines
 RESULTS=results/public
-read -r -a SEEDS <<< "${SEEDS:-0 1 2}"     # SEEDS="0 1" makes the 2-seed ensemble shipped today (README)
+read -r -a SEEDS <<< "${SEEDS:-0 1 2}"
 ABLATIONS=(no_freq no_ffbi no_lffi no_dual_decoder no_tca)
 
-make_data() {
-    step "real public data -> $DATA"
-    if [[ -d "$MIRROR" ]]; then
-        python -m freqmedclip.data.public --out "$DATA" --mirror "$MIRROR" --workers 2
-    else
-        python -m freqmedclip.data.public --out "$DATA" --workers 2
-    fi
-    step "phantom data -> $PHANTOMS (the backbone sees both)"
-    python -m freqmedclip.data.phantoms --out "$PHANTOMS" --workers 2
-}
-
-pretrain() {
-    step "CLIP pretraining on $DATA + $PHANTOMS -> runs/mini-clip-real -> $BACKBONE"
-    python -m train.pretrain_clip --data "$DATA" "$PHANTOMS" --out runs/mini-clip-real --epochs 6
-    swap_in runs/mini-clip-real "$BACKBONE"
+prepare() {
+    make_public_data
+    make_phantom_data   # the backbone sees both
+    backbone
 }
 
 # runs VARIANT:SEED ...: the trainer's flags for train/configs/public.yaml into runs/public_VARIANT-seedSEED
@@ -54,8 +41,7 @@ runs() {
 }
 
 main_part() {
-    make_data
-    pretrain
+    prepare
     mapfile -t flags < <(runs "${SEEDS[@]/#/full:}" frequency_only:0 semantic_only:0)
     train "${flags[@]}"
     for seed in "${SEEDS[@]}"; do publish "public_full-seed$seed" "$ENSEMBLE/mini-seed$seed" "$DATA"; done
@@ -71,8 +57,7 @@ main_part() {
 }
 
 ablations() {
-    make_data
-    pretrain
+    prepare
     local specs=()
     for variant in "${ABLATIONS[@]}"; do specs+=("$variant:0"); done
     mapfile -t flags < <(runs "${specs[@]}")
