@@ -125,6 +125,13 @@ def file_stem(name: str) -> str:
 
 # ---- evaluation ----
 
+def mask_on_grid(probability: torch.Tensor, shape: tuple[int, ...], threshold: float) -> np.ndarray:
+    """(1, 1, 224, 224) probabilities -> (H, W) bool mask on the stored grid: bilinear to ``shape``, then threshold."""
+    if tuple(probability.shape[-2:]) != tuple(shape):
+        probability = resize_to(probability, shape)
+    return (probability[0, 0] >= threshold).cpu().numpy()
+
+
 def evaluate_method(method: Method, dataset: SegmentationDataset, device: torch.device, dtype: str,
                     threshold: float, tolerance_mm: float, warmup: int, backbones: dict[str, ClipBackbone],
                     max_cases: int | None = None, save_masks: Path | None = None) -> None:
@@ -158,14 +165,9 @@ def evaluate_method(method: Method, dataset: SegmentationDataset, device: torch.
         maps = predictor.predict_tensor(image, [item["prompt"]])                      # each (1, 1, 224, 224)
         synchronize(device)
         times.append((time.perf_counter() - start) * 1000)
-
-        def on_mask_grid(probability: torch.Tensor) -> np.ndarray:                      # bilinear, then threshold
-            if tuple(probability.shape[-2:]) != gt.shape:
-                probability = resize_to(probability, gt.shape)
-            return (probability[0, 0] >= threshold).cpu().numpy()
-        pred = on_mask_grid(maps["probability"])
-        branch_dice = {f"{b}_dice": math.nan if maps[b] is None else metrics.dice(on_mask_grid(maps[b]), gt)
-                       for b in BRANCHES}
+        pred = mask_on_grid(maps["probability"], gt.shape, threshold)
+        branch_dice = {f"{b}_dice": math.nan if maps[b] is None else
+                       metrics.dice(mask_on_grid(maps[b], gt.shape, threshold), gt) for b in BRANCHES}
         if save_masks is not None:
             save_masks.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pred.astype(np.uint8) * 255).save(save_masks / Path(mask_path(record.sample_id,
@@ -351,10 +353,10 @@ def empty_table(methods: Sequence[Method], counts: dict[str, dict[str, int]]) ->
 
 def build_tables(methods: Sequence[Method], headline: dict[str, str], positive_summary: list[dict[str, Any]],
                  all_summary: list[dict[str, Any]], checks: dict[str, dict[str, Any]],
-                 counts: dict[str, dict[str, int]], args: argparse.Namespace, device: torch.device, full: str) -> str:
+                 counts: dict[str, dict[str, int]], branches: dict[str, dict[str, dict[str, float]]],
+                 args: argparse.Namespace, device: torch.device, full: str) -> str:
     table_rows = [r for r in positive_summary if headline.get(r["dataset"]) == r["structure"]]
     names = [m.name for m in methods]
-    branches = branch_rows(methods, headline)
     structures = ", ".join(f"{d}: {s}" for d, s in headline.items())
     parts = [
         f"# Evaluation on `{args.data}` split `{args.split}`\n",
@@ -449,7 +451,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.subgroups else []
     checks = {m.name: negative_check(m.rows) for m in methods}
     counts = {m.name: empty_counts(m.rows) for m in methods}
-    tables = build_tables(methods, headline, positive_summary, all_summary, checks, counts, args, device, full)
+    branches = branch_rows(methods, headline)
+    tables = build_tables(methods, headline, positive_summary, all_summary, checks, counts, branches, args, device, full)
     if subgroups:
         tables += ("\n## Subgroups: positive cases split by record metadata\n\n" + detail_table(subgroups))
     result = {
@@ -469,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "negative_prompt_check": checks[m.name],
                              "unrelated_prompt_check": unrelated_check(m)} for m in methods},
         "summary_positive": positive_summary, "summary_all": all_summary, "summary_subgroups": subgroups,
-        "branch_dice": branch_rows(methods, headline),
+        "branch_dice": branches,
     }
     atomic_write(args.out / "summary.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     atomic_write(args.out / "tables.md", lambda tmp: tmp.write_text(tables))

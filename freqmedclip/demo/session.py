@@ -785,11 +785,11 @@ def load_session(checkpoints: Sequence[str | Path] | None = None, backbone: str 
                          f"{DEFAULT_BACKBONE[len('local-dir:'):]}; pass --backbone local-dir:PATH or "
                          f"hf-hub:ID") from error
     limits = limits or Limits()
-    trained = [training_data(getattr(m, "checkpoint_header", None)) for m in models]
-    domains = sorted({d for t in trained if t is not None for d in t.domains})
-    return DemoSession(Predictor(models, device=device, dtype=dtype, max_pixels=limits.max_pixels), limits,
-                       domain_reference=find_domain_reference(models[0].clip_backbone.weights_sha256, domains),
-                       available=available_models() if available is None else available)
+    session = DemoSession(Predictor(models, device=device, dtype=dtype, max_pixels=limits.max_pixels), limits,
+                          available=available_models() if available is None else available)
+    # the reference that knows these models' training domains (both sets share one backbone)
+    session.domain_reference = find_domain_reference(models[0].clip_backbone.weights_sha256, session.training_domains)
+    return session
 
 
 class ModelSets:

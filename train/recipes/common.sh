@@ -1,4 +1,4 @@
-# Shared steps of the recipes (sourced by phantom.sh and public.sh; not run on its own).
+# The recipe of phantom.sh and public.sh (sourced, not run on its own): each script sets its settings and calls run_recipe.
 #
 # Every step skips what is finished and resumes what was interrupted: the trainer resumes from
 # runs/<run>/latest, pretraining from its state files, publishing compares timestamps.
@@ -86,14 +86,60 @@ make_phantom_data() {
     python -m freqmedclip.data.phantoms --out data/phantoms --workers 2
 }
 
-# evaluate_ablations DATA OUT ENSEMBLE RUN_PREFIX: the recipe's $ABLATIONS (runs/<RUN_PREFIX><variant>-seed0) against
-# its shipped $SEEDS (ENSEMBLE/mini-seedN). Seed 0 is the reference; the other seeds show how much Avg Dice moves
-# with the seed alone, the noise floor of single-seed ablations.
-evaluate_ablations() {
-    step "evaluate the ablations on the test split -> $2"
-    local runs=()
-    for seed in "${SEEDS[@]}"; do runs+=("FreqMedCLIP-mini (seed $seed)=$3/mini-seed$seed"); done
-    for variant in "${ABLATIONS[@]}"; do runs+=("$variant=runs/$4$variant-seed0"); done
-    python -m train.evaluate --data "$1" --split test --out "$2" --runs "${runs[@]}" \
+# The recipe both scripts run, on the settings each one sets before calling run_recipe:
+#   DATA, CONFIG (train/configs/*.yaml), PREFIX (runs/<PREFIX>_<variant>-seed<seed>), ENSEMBLE and BASELINES (where
+#   the seeds and the two single-stream baselines are published), RESULTS, SEEDS, BASELINE_VARIANTS (training order),
+#   EVALUATED_SEEDS (single seeds evaluated beside the ensemble), ABLATIONS.
+
+# runs VARIANT:SEED ...: the trainer's flags for $CONFIG into runs/<PREFIX>_VARIANT-seedSEED
+runs() {
+    for spec in "$@"; do
+        printf '%s
+' "--config $CONFIG --variant ${spec%:*} --seed ${spec#*:} --run-dir runs/${PREFIX}_${spec%:*}-seed${spec#*:}"
+    done
+}
+
+prepare() {
+    make_public_data
+    make_phantom_data   # the backbone sees both
+    backbone
+}
+
+main_part() {
+    prepare
+    mapfile -t flags < <(runs "${SEEDS[@]/#/full:}" "${BASELINE_VARIANTS[@]/%/:0}")
+    train "${flags[@]}"
+    for seed in "${SEEDS[@]}"; do publish "${PREFIX}_full-seed$seed" "$ENSEMBLE/mini-seed$seed" "$DATA"; done
+    publish "${PREFIX}_semantic_only-seed0" "$BASELINES/mini_semantic_only" "$DATA"
+    publish "${PREFIX}_frequency_only-seed0" "$BASELINES/mini_frequency_only" "$DATA"
+    step "evaluate the ensemble and the baselines on the test split -> $RESULTS"
+    local members=("${SEEDS[@]/#/$ENSEMBLE/mini-seed}")
+    local methods=("FreqMedCLIP-mini (${#SEEDS[@]}-seed ensemble)=$(IFS=,; echo "${members[*]}")")
+    for seed in "${EVALUATED_SEEDS[@]}"; do methods+=("FreqMedCLIP-mini (seed $seed)=$ENSEMBLE/mini-seed$seed"); done
+    python -m train.evaluate --data "$DATA" --split test --out "$RESULTS" \
+        --runs "${methods[@]}" "Semantic only=$BASELINES/mini_semantic_only" "Frequency only=$BASELINES/mini_frequency_only" \
         --full-method "FreqMedCLIP-mini (seed 0)"
+}
+
+# the Table 4 ablations (one seed each) against the shipped seeds: seed 0 is the reference; the other seeds show how
+# much Avg Dice moves with the seed alone, the noise floor of single-seed ablations
+ablations() {
+    prepare
+    mapfile -t flags < <(runs "${ABLATIONS[@]/%/:0}")
+    train "${flags[@]}"
+    step "evaluate the ablations on the test split -> $RESULTS-ablations"
+    local methods=()
+    for seed in "${SEEDS[@]}"; do methods+=("FreqMedCLIP-mini (seed $seed)=$ENSEMBLE/mini-seed$seed"); done
+    for variant in "${ABLATIONS[@]}"; do methods+=("$variant=runs/${PREFIX}_$variant-seed0"); done
+    python -m train.evaluate --data "$DATA" --split test --out "$RESULTS-ablations" --runs "${methods[@]}" \
+        --full-method "FreqMedCLIP-mini (seed 0)"
+}
+
+run_recipe() {
+    case "${1:-main}" in
+        main) main_part ;;
+        ablations) ablations ;;
+        all) main_part; ablations ;;
+        *) echo "usage: $0 [main|ablations|all]" >&2; exit 2 ;;
+    esac
 }

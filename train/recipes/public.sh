@@ -21,53 +21,14 @@ cd "$(dirname "$0")/../.."
 source train/recipes/common.sh
 
 DATA=data/public
+CONFIG=train/configs/public.yaml
+PREFIX=public
 ENSEMBLE=assets/public/checkpoints     # every folder here is a member of the demo's default ensemble
 BASELINES=assets/public/baselines
 RESULTS=results/public
 read -r -a SEEDS <<< "${SEEDS:-0 1 2}"
+BASELINE_VARIANTS=(frequency_only semantic_only)
+EVALUATED_SEEDS=("${SEEDS[@]}")
 ABLATIONS=(no_freq no_ffbi no_lffi no_dual_decoder no_tca)
 
-prepare() {
-    make_public_data
-    make_phantom_data   # the backbone sees both
-    backbone
-}
-
-# runs VARIANT:SEED ...: the trainer's flags for train/configs/public.yaml into runs/public_VARIANT-seedSEED
-runs() {
-    for spec in "$@"; do
-        printf '%s\n' "--config train/configs/public.yaml --variant ${spec%:*} --seed ${spec#*:} --run-dir runs/public_${spec%:*}-seed${spec#*:}"
-    done
-}
-
-main_part() {
-    prepare
-    mapfile -t flags < <(runs "${SEEDS[@]/#/full:}" frequency_only:0 semantic_only:0)
-    train "${flags[@]}"
-    for seed in "${SEEDS[@]}"; do publish "public_full-seed$seed" "$ENSEMBLE/mini-seed$seed" "$DATA"; done
-    publish public_semantic_only-seed0 "$BASELINES/mini_semantic_only" "$DATA"
-    publish public_frequency_only-seed0 "$BASELINES/mini_frequency_only" "$DATA"
-    step "evaluate the ensemble and the baselines on the test split -> $RESULTS"
-    local members=("${SEEDS[@]/#/$ENSEMBLE/mini-seed}")
-    local runs=("FreqMedCLIP-mini (${#SEEDS[@]}-seed ensemble)=$(IFS=,; echo "${members[*]}")")
-    for seed in "${SEEDS[@]}"; do runs+=("FreqMedCLIP-mini (seed $seed)=$ENSEMBLE/mini-seed$seed"); done
-    python -m train.evaluate --data "$DATA" --split test --out "$RESULTS" \
-        --runs "${runs[@]}" "Semantic only=$BASELINES/mini_semantic_only" "Frequency only=$BASELINES/mini_frequency_only" \
-        --full-method "FreqMedCLIP-mini (seed 0)"
-}
-
-ablations() {
-    prepare
-    local specs=()
-    for variant in "${ABLATIONS[@]}"; do specs+=("$variant:0"); done
-    mapfile -t flags < <(runs "${specs[@]}")
-    train "${flags[@]}"
-    evaluate_ablations "$DATA" "$RESULTS-ablations" "$ENSEMBLE" public_
-}
-
-case "${1:-main}" in
-    main) main_part ;;
-    ablations) ablations ;;
-    all) main_part; ablations ;;
-    *) echo "usage: $0 [main|ablations|all]" >&2; exit 2 ;;
-esac
+run_recipe "$@"
