@@ -76,3 +76,18 @@ def test_a_silent_branch_gets_a_gradient_only_with_branch_bce():
         grads.append(semantic.grad[0, 0, 0, 0].item())
     assert abs(grads[0]) < 1e-8
     assert grads[1] == pytest.approx(0.4 * (torch.sigmoid(torch.tensor(-20.0)).item() - 1) / 4, rel=1e-4)
+
+
+def test_bce_pos_weight_scales_the_target_pixels_of_every_bce():
+    # logits 0 (p = 0.5), one target pixel of four, pos_weight 10: BCE = (10 ln 2 + 3 ln 2) / 4 = 13/4 ln 2
+    zeros = torch.zeros(1, 1, 2, 2)
+    terms = segmentation_loss(SegOutput(zeros, zeros, zeros), TARGET, bce_weight=1.0, branch_bce=True,
+                              bce_pos_weight=10.0)
+    assert terms.bce.item() == pytest.approx(13 / 4 * math.log(2), abs=1e-6)
+    assert terms.semantic_dice.item() == pytest.approx(0.5 + 13 / 4 * math.log(2), abs=1e-6)
+    # on a silent map the target pixel's gradient is pos_weight times larger: 10 (p - 1) / 4 at p = sigmoid(-20)
+    logits = torch.full((1, 1, 2, 2), -20.0, requires_grad=True)
+    segmentation_loss(SegOutput(logits, None, None), TARGET, bce_pos_weight=10.0).total.backward()
+    silent = torch.sigmoid(torch.tensor(-20.0)).item()   # sigma'(-20) ~ 2e-9: soft Dice adds nothing at this rel
+    assert logits.grad[0, 0, 0, 0].item() == pytest.approx(10 * (silent - 1) / 4, rel=1e-4)
+    assert abs(logits.grad[0, 0, 1, 1].item()) < 1e-8   # background: p / 4 ~ 5e-10

@@ -78,12 +78,13 @@ def test_config_parses_and_builds(config, mini_backbone):
     model = trainer.make_model(args, mini_backbone)
     assert (model.config.preset, model.config.variant) == (args.preset, args.variant)
     assert (model.config.bce_weight, model.config.semantic_aux_weight) == (args.bce_weight, args.alpha)
+    assert model.config.loss_settings["bce_pos_weight"] == args.bce_pos_weight
     assert any(p.requires_grad for p in model.parameters())
 
 
 def test_parser_defaults_and_full_config_are_table_2(tmp_path):
     table_2 = {"batch_size": 4, "grad_accum": 2, "lr": 1e-4, "t_max": 100, "epochs": 100, "patience": 10,
-               "bce_weight": 1.0, "alpha": 0.4, "beta": 0.4}
+               "bce_weight": 1.0, "alpha": 0.4, "beta": 0.4, "bce_pos_weight": 1.0}
     for args in (trainer.parse_args([]), trainer.parse_args(["--config", str(REPO_ROOT / "train/configs/full.yaml")])):
         assert {k: getattr(args, k) for k in table_2} == table_2
     assert trainer.parse_args(["--config", str(REPO_ROOT / "train/configs/mini.yaml"), "--epochs", "3"]).epochs == 3

@@ -75,8 +75,7 @@ def run(preset: str, variant: str, device_str: str, dtype: str, batch_size: int,
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, dtype):
             output = forward(images, text)
-        loss = segmentation_loss(output, masks, config.bce_weight, config.semantic_aux_weight,
-                                 config.frequency_aux_weight, config.branch_bce).total
+        loss = segmentation_loss(output, masks, **config.loss_settings).total
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -178,8 +177,7 @@ def breakdown(preset: str, variant: str, dtype: str, batch_size: int, repeats: i
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, dtype):
             output = model(images, text)
-        segmentation_loss(output, masks, config.bce_weight, config.semantic_aux_weight,
-                          config.frequency_aux_weight, config.branch_bce).total.backward()
+        segmentation_loss(output, masks, **config.loss_settings).total.backward()
         optimizer.step()
 
     step_ms = _timed(training_step, repeats) * 1000

@@ -60,7 +60,8 @@ from train import distributed, state
 LOSS_TERMS = ("loss", "dice", "bce", "semantic_dice", "frequency_dice")
 # Arguments that change what a run computes: resuming a run directory with other values is refused.
 RESUME_ARGS = ("data", "datasets", "balanced", "augment", "unrelated_prompts", "seed", "batch_size", "grad_accum",
-               "lr", "warmup_steps", "weight_decay", "t_max", "bce_weight", "alpha", "beta", "branch_bce", "clip_grad")
+               "lr", "warmup_steps", "weight_decay", "t_max", "bce_weight", "bce_pos_weight", "alpha", "beta", "branch_bce",
+               "clip_grad")
 
 
 # ------------------------------------------------------------------------------------------------------- args
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up, optimizer steps")
     optim.add_argument("--patience", type=int, default=10, help="validations without a better Dice (0: never stop)")
     optim.add_argument("--bce-weight", type=float, default=1.0, help="lambda")
+    optim.add_argument("--bce-pos-weight", type=float, default=1.0,
+                       help="weight of target pixels in every BCE (tiny targets: 1 lets the model answer empty)")
     optim.add_argument("--alpha", type=float, default=0.4, help="semantic branch Dice weight")
     optim.add_argument("--beta", type=float, default=0.4, help="frequency branch Dice weight")
     optim.add_argument("--branch-bce", action=argparse.BooleanOptionalAction, default=False,
@@ -140,7 +143,8 @@ def make_model(args: argparse.Namespace, backbone: ClipBackbone | None = None) -
     overrides = {k: v for k, v in (("backbone", args.backbone), ("frequency_weights", args.frequency_weights)) if v}
     config = FreqMedCLIPConfig.from_preset(args.preset, args.variant, bce_weight=args.bce_weight,
                                            semantic_aux_weight=args.alpha, frequency_aux_weight=args.beta,
-                                           branch_bce=args.branch_bce, **overrides)
+                                           branch_bce=args.branch_bce, bce_pos_weight=args.bce_pos_weight,
+                                           **overrides)
     return build_model(config, backbone, random_backbone=args.random_backbone and backbone is None)
 
 
@@ -478,8 +482,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
             with autocast(device, run.amp):
                 output = ddp(image, batch["prompt"])
             config = model.config
-            terms = segmentation_loss(output, mask, config.bce_weight, config.semantic_aux_weight,
-                                      config.frequency_aux_weight, config.branch_bce)
+            terms = segmentation_loss(output, mask, **config.loss_settings)
             scaler.scale(terms.total / micro).backward()
         window += torch.stack([*(t.detach().float() for t in terms), (~torch.isfinite(terms.total)).float()])
         totals[-1] += len(image)

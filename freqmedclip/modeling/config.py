@@ -66,6 +66,7 @@ class FreqMedCLIPConfig:
     semantic_aux_weight: float = 0.4                     # alpha
     frequency_aux_weight: float = 0.4                    # beta
     branch_bce: bool = False                             # also lambda * BCE on each branch (Eq. 20 has Dice only)
+    bce_pos_weight: float = 1.0                          # weight of target pixels in every BCE (1: Eq. 20's plain BCE)
 
     def __post_init__(self) -> None:
         self.semantic_layers = tuple(self.semantic_layers)
@@ -107,6 +108,13 @@ class FreqMedCLIPConfig:
     @property
     def has_two_branches(self) -> bool:
         return self.streams == "both" and self.dual_decoder
+
+    @property
+    def loss_settings(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`freqmedclip.modeling.losses.segmentation_loss` this config trains with."""
+        return {"bce_weight": self.bce_weight, "semantic_weight": self.semantic_aux_weight,
+                "frequency_weight": self.frequency_aux_weight, "branch_bce": self.branch_bce,
+                "bce_pos_weight": self.bce_pos_weight}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
