@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 
@@ -65,7 +66,10 @@ def test_real_checkpoint_is_tied_to_the_real_backbone_and_names_its_data_and_lic
                                   "sha256": sha256_file(BACKBONE / "open_clip_model.safetensors")}
     metadata = header["metadata"]
     assert metadata["args"]["config"] == "train/configs/public.yaml" and metadata["args"]["data"] == "data/public"
+    recipe = yaml.safe_load((ASSETS.parent / "train" / "configs" / "public.yaml").read_text())
+    assert header["config"]["bce_pos_weight"] == recipe["bce_pos_weight"]   # trained with today's recipe
     assert metadata["metrics"]["val"]["dice"] == metadata["metrics"]["best_dice"]
+    assert metadata["export"]["dtype"] == "fp32"      # train/recipes/public.sh: fp16 flips pixels of tiny nodules
     assert metadata["export"]["check"]["max_abs_dice_change"] <= 0.005
     trained_on = metadata["training_data"]
     assert trained_on["datasets"] == ["busbra", "lgg", "lidc"]

@@ -61,7 +61,7 @@ def test_main_part_runs_data_backbone_five_trainings_publishing_and_evaluation_i
     specs = (("full", 0), ("full", 1), ("full", 2), ("semantic_only", 0), ("frequency_only", 0))
     assert calls[3:8] == [f"-m train.train --config train/configs/phantom.yaml --variant {v} --seed {s} "
                           f"--run-dir runs/phantom_{v}-seed{s} [threads=]" for v, s in specs]
-    assert calls[8:13] == [f"-m train.export runs/{run} {dest} --data data/phantoms [threads=]" for run, dest in
+    assert calls[8:13] == [f"-m train.export runs/{run} {dest} --data data/phantoms --dtype fp16 [threads=]" for run, dest in
                            (("phantom_full-seed0", "assets/phantom/checkpoints/mini-seed0"),
                             ("phantom_full-seed1", "assets/phantom/checkpoints/mini-seed1"),
                             ("phantom_full-seed2", "assets/phantom/checkpoints/mini-seed2"),
@@ -133,7 +133,7 @@ def test_public_recipe_runs_data_backbone_trainings_publishing_and_evaluation_in
     specs = (("full", 0), ("full", 1), ("full", 2), ("frequency_only", 0), ("semantic_only", 0))
     assert calls[3:8] == [f"-m train.train --config train/configs/public.yaml --variant {v} --seed {s} "
                           f"--run-dir runs/public_{v}-seed{s} [threads=]" for v, s in specs]
-    assert calls[8:13] == [f"-m train.export runs/{run} {dest} --data data/public [threads=]" for run, dest in
+    assert calls[8:13] == [f"-m train.export runs/{run} {dest} --data data/public --dtype fp32 [threads=]" for run, dest in
                            (("public_full-seed0", "assets/public/checkpoints/mini-seed0"),
                             ("public_full-seed1", "assets/public/checkpoints/mini-seed1"),
                             ("public_full-seed2", "assets/public/checkpoints/mini-seed2"),

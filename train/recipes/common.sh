@@ -22,7 +22,7 @@ train() {
     fi
 }
 
-# publish RUN DEST DATA: the run's best checkpoint in fp16 (mask-checked on DATA), unless DEST is already newer
+# publish RUN DEST DATA: the run's best checkpoint in $PUBLISH_DTYPE (mask-checked on DATA), unless DEST is newer
 publish() {
     if [[ ! -f "runs/$1/best/config.json" ]]; then
         echo "runs/$1/best/config.json is missing: train it first (nothing published)" >&2
@@ -33,7 +33,7 @@ publish() {
         return
     fi
     step "publish runs/$1 -> $2"
-    python -m train.export "runs/$1" "$2" --data "$3"
+    python -m train.export "runs/$1" "$2" --data "$3" --dtype "$PUBLISH_DTYPE"
 }
 
 # swap_in SRC DEST: copy directory SRC over DEST whole (never half-copied), unless their weights are equal
@@ -89,7 +89,7 @@ make_phantom_data() {
 # The recipe both scripts run, on the settings each one sets before calling run_recipe:
 #   DATA, CONFIG (train/configs/*.yaml), PREFIX (runs/<PREFIX>_<variant>-seed<seed>), ENSEMBLE and BASELINES (where
 #   the seeds and the two single-stream baselines are published), RESULTS, SEEDS, BASELINE_VARIANTS (training order),
-#   EVALUATED_SEEDS (single seeds evaluated beside the ensemble), ABLATIONS.
+#   EVALUATED_SEEDS (single seeds evaluated beside the ensemble), ABLATIONS, PUBLISH_DTYPE (the shipped weights).
 
 # runs VARIANT:SEED ...: the trainer's flags for $CONFIG into runs/<PREFIX>_VARIANT-seedSEED
 runs() {

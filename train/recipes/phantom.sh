@@ -27,5 +27,6 @@ SEEDS=(0 1 2)
 BASELINE_VARIANTS=(semantic_only frequency_only)
 EVALUATED_SEEDS=(0)
 ABLATIONS=(no_freq no_ffbi no_lffi no_dual_decoder no_tca)
+PUBLISH_DTYPE=fp16
 
 run_recipe "$@"
