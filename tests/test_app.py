@@ -13,7 +13,7 @@ import pytest
 from _demo_support import EXAMPLES, REPO_ROOT, make_checkpoints, phantom_image, write_dicom, write_png_header
 from PIL import Image
 
-gr = pytest.importorskip("gradio")
+gr = pytest.importorskip("gradio")   # in requirements.txt; an install of the package alone (no demo) skips the UI
 from gradio_client import Client, handle_file  # noqa: E402
 
 import app  # noqa: E402

@@ -7,7 +7,7 @@ import logging
 import pytest
 from _demo_support import EXAMPLES, decisive_model
 
-gr = pytest.importorskip("gradio")
+gr = pytest.importorskip("gradio")   # in requirements.txt; an install of the package alone (no demo) skips the UI
 from gradio_client import Client, handle_file  # noqa: E402
 
 import app  # noqa: E402

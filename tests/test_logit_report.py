@@ -1,4 +1,4 @@
-"""train/logit_report.py: pixel AUC against hand-worked cases, and the per-dataset report of a model with known logits."""
+"""train/logit_report.py: pixel AUC against hand-worked cases, and the report of a model with known logits."""
 
 from __future__ import annotations
 

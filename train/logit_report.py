@@ -31,6 +31,7 @@ from scipy.stats import rankdata
 
 from freqmedclip.data.dataset import SegmentationDataset
 from freqmedclip.inference.checkpoint import atomic_write, load_ensemble
+from train.evaluate import markdown_table
 
 OUTPUTS = ("fused", "semantic", "frequency")
 STATISTICS = ("auc", "logit_inside", "logit_outside", "max_probability")
@@ -58,10 +59,9 @@ def case_statistics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, flo
 
 
 def evenly_spaced(indices: Sequence[int], count: int) -> list[int]:
-    """``count`` of ``indices`` spread over the whole list (all of them when there are fewer)."""
-    if len(indices) <= count:
-        return list(indices)
-    return [indices[round(i * (len(indices) - 1) / (count - 1))] for i in range(count)] if count > 1 else [indices[0]]
+    """``count`` of ``indices`` spread over the whole list, both ends kept (all of them when there are fewer)."""
+    positions = np.unique(np.linspace(0, len(indices) - 1, min(count, len(indices))).round().astype(int))
+    return [indices[p] for p in positions]
 
 
 @torch.no_grad()
@@ -92,15 +92,12 @@ def logit_statistics(model: torch.nn.Module, dataset: SegmentationDataset,
 
 
 def markdown(report: dict[str, dict[str, Any]]) -> str:
-    lines = ["| dataset | cases | output | pixel AUC | mean logit in target | mean logit outside | max probability |",
-             "|---|---:|---|---:|---:|---:|---:|"]
-    for name, entry in report.items():
-        for key in OUTPUTS:
-            if key in entry:
-                s = entry[key]
-                lines.append(f"| {name} | {entry['cases']} | {key} | {s['auc']:.2f} | {s['logit_inside']:.1f} | "
-                             f"{s['logit_outside']:.1f} | {s['max_probability']:.3f} |")
-    return "\n".join(lines) + "\n"
+    header = ["dataset", "cases", "output", "pixel AUC", "mean logit in target", "mean logit outside",
+              "max probability"]
+    body = [[name, str(entry["cases"]), key, f"{s['auc']:.2f}", f"{s['logit_inside']:.1f}",
+             f"{s['logit_outside']:.1f}", f"{s['max_probability']:.3f}"]
+            for name, entry in report.items() for key in OUTPUTS if key in entry for s in [entry[key]]]
+    return markdown_table(header, body)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:

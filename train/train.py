@@ -60,8 +60,8 @@ from train import distributed, state
 LOSS_TERMS = ("loss", "dice", "bce", "semantic_dice", "frequency_dice")
 # Arguments that change what a run computes: resuming a run directory with other values is refused.
 RESUME_ARGS = ("data", "datasets", "balanced", "augment", "unrelated_prompts", "seed", "batch_size", "grad_accum",
-               "lr", "warmup_steps", "weight_decay", "t_max", "bce_weight", "bce_pos_weight", "alpha", "beta", "branch_bce",
-               "clip_grad")
+               "lr", "warmup_steps", "weight_decay", "t_max", "bce_weight", "bce_pos_weight", "alpha", "beta",
+               "branch_bce", "clip_grad")
 
 
 # ------------------------------------------------------------------------------------------------------- args
