@@ -142,8 +142,10 @@ def build_demo(models: ModelSets | DemoSession | Predictor) -> gr.Blocks:
         models); when it cannot load, keep serving the old one and say why, leaving the panels as they are."""
         serving, message = sets.switch(name, active)
         if serving != name:
-            return (serving, gr.update(value=serving), gr.skip(), message, *(gr.skip() for _ in run_outputs))
-        return serving, gr.skip(), sets.get(serving).header(), message, *cleared()
+            return (serving, gr.update(value=serving), gr.skip(), message, gr.skip(),
+                    *(gr.skip() for _ in run_outputs))
+        session = sets.get(serving)     # its own default threshold: the one chosen for it on validation, else 0.5
+        return serving, gr.skip(), session.header(), message, gr.update(value=session.threshold), *cleared()
 
     def image(label: str, elem_id: str) -> gr.Image:
         return gr.Image(label=label, format="png", elem_id=elem_id)
@@ -179,7 +181,8 @@ def build_demo(models: ModelSets | DemoSession | Predictor) -> gr.Blocks:
                 slice_index = gr.Slider(0, 1, step=1, label="Slice / frame", visible=False)
                 first_prompt = examples[0].prompt if examples else "whole tumour"   # the gallery's first example
                 prompt = gr.Textbox(label="Prompt", value=first_prompt, elem_id="prompt")
-                threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Mask threshold")
+                threshold = gr.Slider(0.05, 0.95, value=default.threshold, step=0.05, label="Mask threshold",
+                                      elem_id="threshold")
                 with gr.Row():
                     switches = [gr.Checkbox(True, label=name) for name in ("Frequency stream", "FFBI", "FiLM")]
                 run_button = gr.Button("Segment", variant="primary", elem_id="segment-button")
@@ -249,7 +252,7 @@ def build_demo(models: ModelSets | DemoSession | Predictor) -> gr.Blocks:
                              [bench_gallery, iou, stats, reliance], **PRIVATE)
         preview.select(explore, [active, state, prompt], [*attention, explore_caption], **PRIVATE)
         model_choice.input(switch_models, [model_choice, active], [active, model_choice, header, model_status,
-                                                                   *run_outputs], **PRIVATE)
+                                                                   threshold, *run_outputs], **PRIVATE)
 
         api_inputs = [gr.File(label="image", visible=False), gr.Textbox(label="prompt", visible=False)]
         api_outputs = [gr.Image(label=name, visible=False, format="png") for name in ("mask", "overlay")]

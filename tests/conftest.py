@@ -50,6 +50,24 @@ def mini_backbone(mini_backbone_dir):
     return load_clip_backbone(f"local-dir:{mini_backbone_dir}")
 
 
+@pytest.fixture(scope="session")
+def untrained_checkpoints(mini_backbone, mini_backbone_dir, tmp_path_factory) -> list[Path]:
+    """Two untrained mini checkpoints (seeds 0 and 1) on the session's mini backbone."""
+    from freqmedclip.inference.checkpoint import save_checkpoint
+    from freqmedclip.modeling.config import FreqMedCLIPConfig
+    from freqmedclip.modeling.model import build_model
+
+    root = tmp_path_factory.mktemp("untrained-checkpoints")
+    directories = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        config = FreqMedCLIPConfig.from_preset("mini", backbone=f"local-dir:{mini_backbone_dir}",
+                                               frequency_weights="none")
+        model = build_model(config, mini_backbone, load_frequency_weights=False)
+        directories.append(save_checkpoint(root / f"seed{seed}", model, {"seed": seed}))
+    return directories
+
+
 def write_fake_hub_cache(cache: Path, source_dir: Path, weights: bool = True) -> Path:
     """Write ``source_dir`` (a mini CLIP directory) into a HuggingFace cache under the real hub ids.
 

@@ -172,8 +172,10 @@ def test_page_offers_the_model_sets_and_switches_them(tmp_path, mini_backbone):
     assert failed[0] == "Phantoms" and "Could not load Missing" in failed[3]
     assert failed[1]["value"] == "Phantoms"                            # the selector goes back
     make_checkpoints(sets["Real"], mini_backbone, seeds=(1,))
+    (sets["Real"] / "operating_point.json").write_text('{"threshold": 0.7, "split": "val"}')
     done = switch("Real", "Phantoms")
     assert done[0] == "Real" and "Now serving **Real**" in done[3] and done[2] == models.get("Real").header()
-    assert done[5] == "" and done[4] is None                           # verdict and fused mask cleared
+    assert done[4]["value"] == 0.7 and "Default mask threshold **0.7**" in done[2]   # the set's own threshold
+    assert done[6] == "" and done[5] is None                           # verdict and fused mask cleared
     shown = [item["image"]["orig_name"] for item in _component(demo, "examples")["value"]]
     assert shown == [e.path.rsplit("/", 1)[1] for e in load_examples(app.EXAMPLES_DIR)]   # examples.json's order

@@ -217,14 +217,16 @@ def test_unrelated_prompts_replace_the_prompt_and_empty_the_target(tmp_path):
         SegmentationDataset(tmp_path, "train", train=True, unrelated_prompts=1.5)
 
 
-def test_unrelated_training_prompts_are_disjoint_from_the_held_out_check_and_the_real_prompts():
+def test_unrelated_phrase_sets_of_training_validation_and_test_are_disjoint_and_name_no_real_structure():
     from freqmedclip.data.dataset import UNRELATED_TRAIN_PROMPTS
     from freqmedclip.data.public.common import PROMPTS as REAL_PROMPTS
     from train.evaluate import HELD_OUT_UNRELATED_PROMPTS
+    from train.operating_point import VALIDATION_UNRELATED_PROMPTS
 
-    assert not set(UNRELATED_TRAIN_PROMPTS) & set(HELD_OUT_UNRELATED_PROMPTS)
+    sets = [set(UNRELATED_TRAIN_PROMPTS), set(VALIDATION_UNRELATED_PROMPTS), set(HELD_OUT_UNRELATED_PROMPTS)]
+    assert sum(map(len, sets)) == len(set().union(*sets))      # no phrase in two of them
     from freqmedclip.data.phantoms import brain, breast, lung
 
     real = {p for prompts in REAL_PROMPTS.values() for p in prompts}
     real |= {p for module in (brain, breast, lung) for prompts in module.STRUCTURES.values() for p in prompts}
-    assert real and not (set(UNRELATED_TRAIN_PROMPTS) | set(HELD_OUT_UNRELATED_PROMPTS)) & real
+    assert real and not set().union(*sets) & real

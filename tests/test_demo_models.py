@@ -122,6 +122,29 @@ def test_a_set_whose_files_appear_later_loads_on_the_next_try(two_sets, mini_bac
     assert models.switch("empty", "first")[0] == "empty" and models.get("empty").n_members == 1
 
 
+def test_a_set_opens_at_the_threshold_chosen_for_that_whole_ensemble(two_sets):
+    """operating_point.json in a set's folder is its default threshold (segment, update, workbench); a subset of
+    its members, or explicit checkpoints from elsewhere, keep 0.5; a broken file is named."""
+    folder = two_sets["second"]
+    (folder / "operating_point.json").write_text(json.dumps({"threshold": 0.8, "split": "val"}))
+    models = open_model_sets(sets=two_sets)
+    assert models.default.threshold == 0.5 and "Default mask threshold" not in models.default.header()
+    second = models.get("second")
+    assert second.threshold == 0.8 and "Default mask threshold **0.8**, chosen for this ensemble on the `val`" \
+        in second.header()
+    image = EXAMPLES / "brain_whole_tumour.png"
+    mask, _, info = second.segment(image, "whole tumour")
+    assert info["threshold"] == 0.8
+    _, _, low = second.segment(image, "whole tumour", threshold=0.5)
+    assert np.array_equal(mask, second.segment(image, "whole tumour", threshold=0.8)[0])
+    assert low["area_fraction"] > info["area_fraction"] > 0           # the decisive models' masks shrink at 0.8
+    subset = open_model_sets([folder / "mini-seed1"], sets=two_sets).default
+    assert subset.threshold == 0.5                                    # chosen for both members, not for one
+    (folder / "operating_point.json").write_text('{"threshold": 0}')
+    with pytest.raises(SetupError, match="operating_point.json: threshold must be a number strictly between"):
+        open_model_sets(sets={"second": folder})
+
+
 def test_single_wraps_an_injected_session(two_sets):
     session = open_model_sets(sets=two_sets).default
     models = ModelSets.single(session)

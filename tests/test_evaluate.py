@@ -12,11 +12,9 @@ import torch
 from PIL import Image
 
 from freqmedclip.evaluation import metrics
-from freqmedclip.inference.checkpoint import load_ensemble, save_checkpoint
-from freqmedclip.modeling.config import FreqMedCLIPConfig
+from freqmedclip.inference.checkpoint import load_ensemble
 from freqmedclip.data.dataset import SegmentationDataset
 from freqmedclip.data.format import StructureRecord, load_mask, write_manifest, write_sample
-from freqmedclip.modeling.model import build_model
 from freqmedclip.inference.predictor import Predictor
 from freqmedclip.inference.preprocess import resize_to
 from train import evaluate
@@ -54,24 +52,10 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(mini_backbone, mini_backbone_dir, tmp_path_factory) -> list[Path]:
-    """Two untrained mini checkpoints (different seeds) on the session's mini backbone."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    dirs = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        config = FreqMedCLIPConfig.from_preset("mini", backbone=f"local-dir:{mini_backbone_dir}",
-                                               frequency_weights="none")
-        model = build_model(config, mini_backbone, load_frequency_weights=False)
-        dirs.append(save_checkpoint(root / f"seed{seed}", model, {"seed": seed}))
-    return dirs
-
-
-@pytest.fixture(scope="module")
-def evaluated(tiny_dataset, checkpoints, tmp_path_factory) -> tuple[Path, dict]:
+def evaluated(tiny_dataset, untrained_checkpoints, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("eval")
-    result = evaluate.main(["--checkpoint", *map(str, checkpoints), "--name", "ens",
-                            "--runs", f"single={checkpoints[0]}", "--data", str(tiny_dataset), "--split", "test",
+    result = evaluate.main(["--checkpoint", *map(str, untrained_checkpoints), "--name", "ens",
+                            "--runs", f"single={untrained_checkpoints[0]}", "--data", str(tiny_dataset), "--split", "test",
                             "--out", str(out), "--device", "cpu", "--warmup", "0", "--n-boot", "200", "--save-masks"])
     return out, result
 
@@ -126,11 +110,11 @@ def test_csv_numbers_equal_metrics_on_the_saved_masks(evaluated, tiny_dataset):
         assert row["pred_empty"] == str(not pred.any())
 
 
-def test_ensemble_averages_member_probabilities(evaluated, tiny_dataset, checkpoints, mini_backbone):
+def test_ensemble_averages_member_probabilities(evaluated, tiny_dataset, untrained_checkpoints, mini_backbone):
     out, _ = evaluated
     dataset = SegmentationDataset(tiny_dataset, "test", train=False)
     item, record = dataset[0], dataset.records[0]
-    models = load_ensemble(checkpoints, backbone=mini_backbone)
+    models = load_ensemble(untrained_checkpoints, backbone=mini_backbone)
     with torch.no_grad():
         members = [torch.sigmoid(m(item["image"][None], [item["prompt"]]).logits) for m in models]
     probability = torch.stack(members).mean(0)                                  # (1, 1, 224, 224)
@@ -141,11 +125,11 @@ def test_ensemble_averages_member_probabilities(evaluated, tiny_dataset, checkpo
     assert (saved != single).any()                 # the second member changed the prediction
 
 
-def test_branch_dice_is_each_streams_own_mask_scored_against_the_target(evaluated, tiny_dataset, checkpoints,
+def test_branch_dice_is_each_streams_own_mask_scored_against_the_target(evaluated, tiny_dataset, untrained_checkpoints,
                                                                           mini_backbone):
     out, result = evaluated
     dataset = SegmentationDataset(tiny_dataset, "test", train=False)
-    model = load_ensemble([checkpoints[0]], backbone=mini_backbone)[0]
+    model = load_ensemble([untrained_checkpoints[0]], backbone=mini_backbone)[0]
     rows = read_rows(out / "cases_single.csv")
     for index, record in enumerate(dataset.records):
         item, gt = dataset[index], load_mask(tiny_dataset, record)
@@ -168,7 +152,7 @@ def test_bad_runs_spec_is_refused(tiny_dataset, tmp_path):
         evaluate.main(["--data", str(tiny_dataset), "--out", str(tmp_path)])
 
 
-def test_held_out_unrelated_phrases_are_asked_of_every_image(evaluated, tiny_dataset, checkpoints, mini_backbone):
+def test_held_out_unrelated_phrases_are_asked_of_every_image(evaluated, tiny_dataset, untrained_checkpoints, mini_backbone):
     out, result = evaluated
     dataset = SegmentationDataset(tiny_dataset, "test", train=False)
     images = list(dict.fromkeys(r.image for r in dataset.records))
@@ -176,7 +160,7 @@ def test_held_out_unrelated_phrases_are_asked_of_every_image(evaluated, tiny_dat
     assert check["prompts"] == list(evaluate.HELD_OUT_UNRELATED_PROMPTS)
     assert check["n_pairs"] == len(images) * len(evaluate.HELD_OUT_UNRELATED_PROMPTS)
     # independent of the batched call: one prompt at a time through a fresh Predictor
-    predictor = Predictor(load_ensemble([checkpoints[0]], backbone=mini_backbone), threshold=0.5)
+    predictor = Predictor(load_ensemble([untrained_checkpoints[0]], backbone=mini_backbone), threshold=0.5)
     areas = []
     for image in images:
         index = next(i for i, r in enumerate(dataset.records) if r.image == image)

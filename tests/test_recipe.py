@@ -67,8 +67,16 @@ def test_main_part_runs_data_backbone_five_trainings_publishing_and_evaluation_i
                             ("phantom_full-seed2", "assets/phantom/checkpoints/mini-seed2"),
                             ("phantom_semantic_only-seed0", "assets/phantom/baselines/mini_semantic_only"),
                             ("phantom_frequency_only-seed0", "assets/phantom/baselines/mini_frequency_only"))]
-    assert calls[13].startswith("-m train.evaluate --data data/phantoms --split test --out results/phantom ")
-    assert f"FreqMedCLIP-mini (3-seed ensemble)={ENSEMBLE}" in calls[13] and len(calls) == 14
+    # thresholds chosen on validation, the ensemble's shipped beside its members, then the test split once with them
+    assert calls[13].startswith("-m train.operating_point --data data/phantoms --split val "
+                                "--out results/phantom/operating_points.json ")
+    assert calls[13].endswith("--ship FreqMedCLIP-mini (3-seed ensemble)="
+                              "assets/phantom/checkpoints/operating_point.json [threads=]")
+    assert calls[14].startswith("-m train.evaluate --data data/phantoms --split test --out results/phantom ")
+    assert "--operating-points results/phantom/operating_points.json" in calls[14] and len(calls) == 15
+    runs = [call.split("--runs ")[1].split(" --")[0] for call in calls[13:15]]
+    assert runs[0] == runs[1] and f"FreqMedCLIP-mini (3-seed ensemble)={ENSEMBLE}" in runs[0]
+    assert "Frequency only=assets/phantom/baselines/mini_frequency_only" in runs[0]
 
 
 def test_rebuilding_the_backbone_pretrains_into_runs_and_copies_it_to_assets(recorded):
@@ -140,8 +148,11 @@ def test_public_recipe_runs_data_backbone_trainings_publishing_and_evaluation_in
                             ("public_semantic_only-seed0", "assets/public/baselines/mini_semantic_only"),
                             ("public_frequency_only-seed0", "assets/public/baselines/mini_frequency_only"))]
     members = ",".join(f"assets/public/checkpoints/mini-seed{s}" for s in (0, 1, 2))
-    assert calls[13].startswith("-m train.evaluate --data data/public --split test --out results/public ")
-    assert f"FreqMedCLIP-mini (3-seed ensemble)={members}" in calls[13] and len(calls) == 14
+    assert calls[13].startswith("-m train.operating_point --data data/public --split val "
+                                "--out results/public/operating_points.json ")
+    assert "assets/public/checkpoints/operating_point.json" in calls[13]
+    assert calls[14].startswith("-m train.evaluate --data data/public --split test --out results/public ")
+    assert f"FreqMedCLIP-mini (3-seed ensemble)={members}" in calls[14] and len(calls) == 15
 
 
 def test_public_recipe_with_two_seeds_trains_and_ensembles_two(recorded, tmp_path):

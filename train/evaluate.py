@@ -2,8 +2,8 @@
 
     python -m train.evaluate --checkpoint DIR [DIR ...] --data DIR --split test --out DIR [--name NAME]
         [--runs NAME=DIR[,DIR...] ...] [--tolerance-mm 2.0] [--dtype fp32|bf16] [--device auto]
-        [--threshold 0.5] [--table-structure DATASET=STRUCTURE ...] [--full-method NAME] [--max-cases N]
-        [--save-masks]
+        [--threshold 0.5 | --operating-points FILE] [--table-structure DATASET=STRUCTURE ...] [--full-method NAME]
+        [--max-cases N] [--save-masks]
 
 Each method is one checkpoint or an ensemble: the directories given together to ``--checkpoint`` (named ``--name``,
 default its variant) or to one ``--runs NAME=a,b,c`` entry are loaded with ``load_ensemble`` (one shared CLIP
@@ -14,7 +14,8 @@ holding ``best/``. Outputs in ``--out``: ``cases_<method>.csv`` (one row per (im
 Notable choices:
 * Geometry: the model sees the stored image resized to 224 (as in training); its probability map is bilinearly
   upsampled to the stored mask's grid, thresholded at ``--threshold`` (``>=``, as the Predictor), and every metric
-  is computed there with the record's ``spacing_mm``. For converters that store 224x224 masks (all of ours) that
+  is computed there with the record's ``spacing_mm``. With ``--operating-points`` (the JSON of
+  ``train.operating_point``) each method is thresholded at its own threshold chosen there on validation instead. For converters that store 224x224 masks (all of ours) that
   grid IS the stored 224 grid, with the spacing already rescaled to it; the native scanner grid is not revisited.
 * Metrics and conventions come from ``freqmedclip.evaluation.metrics`` (DATA.md 4.3): both masks empty -> Dice = IoU = NSD = 1,
   distances 0; exactly one empty -> overlap 0 and distances = the image diagonal in mm. Such cases are kept and
@@ -83,6 +84,7 @@ class Method:
     name: str
     checkpoints: list[Path]
     variants: list[str] = field(default_factory=list)
+    threshold: float = 0.5
     rows: list[dict[str, Any]] = field(default_factory=list)
     unrelated_areas: list[float] = field(default_factory=list)    # predicted area per (image, held-out phrase)
     efficiency: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +119,23 @@ def parse_methods(args: argparse.Namespace) -> list[Method]:
     if len(set(names)) != len(names):
         raise SystemExit(f"method names must be unique, got {names}")
     return methods
+
+
+def apply_operating_points(methods: Sequence[Method], path: Path | None, default: float) -> None:
+    """Set every method's threshold: ``default``, or with ``path`` its entry there (same name, same checkpoints)."""
+    if path is None:
+        for method in methods:
+            method.threshold = default
+        return
+    chosen = json.loads(path.read_text())["methods"]
+    for method in methods:
+        entry = chosen.get(method.name)
+        if entry is None:
+            raise SystemExit(f"{path} has no operating point for {method.name!r} (it has {sorted(chosen)})")
+        if entry["checkpoints"] != [str(c) for c in method.checkpoints]:
+            raise SystemExit(f"{path}: the operating point of {method.name!r} was chosen for {entry['checkpoints']}, "
+                             f"not {[str(c) for c in method.checkpoints]}")
+        method.threshold = float(entry["threshold"])
 
 
 def file_stem(name: str) -> str:
@@ -358,9 +377,12 @@ def build_tables(methods: Sequence[Method], headline: dict[str, str], positive_s
     table_rows = [r for r in positive_summary if headline.get(r["dataset"]) == r["structure"]]
     names = [m.name for m in methods]
     structures = ", ".join(f"{d}: {s}" for d, s in headline.items())
+    threshold = (f"Threshold {args.threshold}" if args.operating_points is None else
+                 "Thresholds chosen on validation (`" + str(args.operating_points) + "`): "
+                 + ", ".join(f"{m.name} {m.threshold:g}" for m in methods))
     parts = [
         f"# Evaluation on `{args.data}` split `{args.split}`\n",
-        (f"Threshold {args.threshold}, dtype {args.dtype}, device {device_name(device)}, code {code_version()}. "
+        (f"{threshold}, dtype {args.dtype}, device {device_name(device)}, code {code_version()}. "
          f"Tables 3-5: positive cases (target present) of {structures}; mean [subject-level bootstrap 95 % CI] over "
          f"cases. Distances in mm at the stored mask grid; HD95 = max of directed 95th percentiles; Boundary Dice = "
          f"NSD at {args.tolerance_mm:g} mm. Empty-mask conventions: DATA.md 4.3 (counts below).\n"),
@@ -406,6 +428,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tolerance-mm", type=float, default=metrics.DEFAULT_TOLERANCE_MM, help="NSD tolerance")
     parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--operating-points", type=Path, default=None, metavar="FILE",
+                        help="per-method thresholds chosen on validation (train.operating_point's JSON)")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--table-structure", nargs="+", default=[], metavar="DATASET=STRUCTURE")
@@ -423,6 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     methods = parse_methods(args)
+    apply_operating_points(methods, args.operating_points, args.threshold)
     names = [m.name for m in methods]
     full = args.full_method or ("full" if "full" in names else names[0])
     if full not in names:
@@ -433,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     backbones: dict[str, ClipBackbone] = {}
     for method in methods:
         start = time.perf_counter()
-        evaluate_method(method, dataset, device, args.dtype, args.threshold, args.tolerance_mm, args.warmup, backbones,
+        evaluate_method(method, dataset, device, args.dtype, method.threshold, args.tolerance_mm, args.warmup, backbones,
                         args.max_cases, args.out / "masks" / file_stem(method.name) if args.save_masks else None)
         write_cases(args.out / f"cases_{file_stem(method.name)}.csv", method.rows)
         positives = [r["dice"] for r in method.rows if r["positive"]]
@@ -456,7 +481,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if subgroups:
         tables += ("\n## Subgroups: positive cases split by record metadata\n\n" + detail_table(subgroups))
     result = {
-        "data": str(args.data), "split": args.split, "tolerance_mm": args.tolerance_mm, "threshold": args.threshold,
+        "data": str(args.data), "split": args.split, "tolerance_mm": args.tolerance_mm,
+        "threshold": args.threshold if args.operating_points is None else None,
+        "operating_points": None if args.operating_points is None else str(args.operating_points),
         "dtype": args.dtype, "device": device_name(device), "code_version": code_version(),
         "command": " ".join(["python -m train.evaluate", *(argv if argv is not None else sys.argv[1:])]),
         "conventions": {
@@ -468,6 +495,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "table_structures": headline, "full_method": full,
         "methods": {m.name: {"checkpoints": [str(c) for c in m.checkpoints], "variants": m.variants,
+                             "threshold": m.threshold,
                              "efficiency": m.efficiency, "empty_cases": counts[m.name],
                              "negative_prompt_check": checks[m.name],
                              "unrelated_prompt_check": unrelated_check(m)} for m in methods},

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import Tensor
@@ -70,6 +71,7 @@ from freqmedclip.inference import (
     ALL_ON,
     BANDS,
     HF_PREFIX,
+    OPERATING_POINT_FILE,
     REPO_ROOT,
     BackboneMismatchError,
     InputError,
@@ -79,6 +81,7 @@ from freqmedclip.inference import (
     ffbi_attention,
     load_clip_backbone,
     load_ensemble,
+    read_operating_point,
     resize_to,
     wavelet_bands,
 )
@@ -408,8 +411,13 @@ class DemoSession:
 
     def __init__(self, predictor: Predictor, limits: Limits | None = None, exports: Path | None = None,
                  domain_reference: DomainReference | None = None,
-                 available: dict[str, tuple[str, ...]] | None = None) -> None:
+                 available: dict[str, tuple[str, ...]] | None = None,
+                 operating_point: dict[str, Any] | None = None) -> None:
         self.predictor = predictor
+        # the ensemble's threshold chosen on validation (train.operating_point): the page's default mask threshold
+        self.operating_point = operating_point
+        if operating_point is not None:
+            predictor.threshold = float(operating_point["threshold"])
         self.limits = limits or Limits(max_pixels=predictor.max_pixels)
         self.exports = Path(exports) if exports is not None else export_dir()
         self.lock = threading.Lock()
@@ -424,8 +432,18 @@ class DemoSession:
     def training_domains(self) -> list[str]:
         return sorted({d for t in self.trained if t is not None for d in t.domains})
 
+    @property
+    def threshold(self) -> float:
+        """The default mask threshold: the operating point's, else the Predictor's (0.5)."""
+        return self.predictor.threshold
+
     def header(self) -> str:
-        return training_line(self.trained)
+        line = training_line(self.trained)
+        if self.operating_point is None:
+            return line
+        point = self.operating_point
+        return (f"{line} Default mask threshold **{self.threshold:g}**, chosen for this ensemble on the "
+                f"`{point.get('split', '?')}` split ({OPERATING_POINT_FILE}).")
 
     def check_domain(self, tensor: Tensor) -> DomainCheck | None:
         """The image's relation to the training domains; None without a domain reference for this backbone."""
@@ -464,7 +482,8 @@ class DemoSession:
             return self.predictor.predict_tensor(tensor, prompts, switches, explain)
 
     def workbench(self, loaded: LoadedImage | None, prompts: str | Sequence[str], control: str = CONTROL_PROMPT,
-                  threshold: float = 0.5, switches: Switches = ALL_ON, main_prompt: str | None = None) -> Workbench:
+                  threshold: float | None = None, switches: Switches = ALL_ON,
+                  main_prompt: str | None = None) -> Workbench:
         """Up to ``MAX_PROMPTS`` prompts and the control on one image, in one batched forward; ``main_prompt``
         (the demo's Prompt box) is always among them, first."""
         loaded = _require(loaded)
@@ -476,7 +495,8 @@ class DemoSession:
         control = _clean(control, "control prompt")
         batch = list(dict.fromkeys([*prompt_list, control]))
         maps = self._forward(self.prepare(loaded), batch, switches)
-        return self._workbench_from(maps["probability"], batch, prompt_list, control, threshold, self.view(loaded))
+        return self._workbench_from(maps["probability"], batch, prompt_list, control,
+                                    self.threshold if threshold is None else threshold, self.view(loaded))
 
     def _workbench_from(self, probability: Tensor, batch: list[str], prompts: list[str], control: str,
                         threshold: float, view: np.ndarray) -> Workbench:
@@ -489,11 +509,13 @@ class DemoSession:
                          for i, (short, text) in enumerate(zip(bench.short_labels(), bench.prompts, strict=True))]
         return bench
 
-    def update(self, loaded: LoadedImage | None, prompt: str, *, threshold: float = 0.5,
+    def update(self, loaded: LoadedImage | None, prompt: str, *, threshold: float | None = None,
                switches: Switches = ALL_ON, workbench_prompts: str | Sequence[str] = (),
                control: str = CONTROL_PROMPT, progress: Progress = _no_progress,
                cam_method: str = FAST_GRADCAM) -> Panels:
-        """One full update of every panel for ``loaded`` and ``prompt``; ``cam_method`` one of ``CAM_METHODS``."""
+        """One full update of every panel for ``loaded`` and ``prompt``; ``cam_method`` one of ``CAM_METHODS``;
+        ``threshold`` None = :attr:`threshold`."""
+        threshold = self.threshold if threshold is None else threshold
         timings: dict[str, float] = {}
         start = clock = time.perf_counter()
         loaded = _require(loaded)
@@ -653,8 +675,11 @@ class DemoSession:
                    f"model's attention: the Frequency stream / FFBI / FiLM switches do not apply here.")
         return panels[0], panels[1], caption
 
-    def segment(self, path: str | Path, prompt: str, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, dict]:
-        """The ``/segment`` API: mask (H, W) uint8 0/255 and overlay (H, W, 3) uint8 at the input's size."""
+    def segment(self, path: str | Path, prompt: str,
+                threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+        """The ``/segment`` API: mask (H, W) uint8 0/255 and overlay (H, W, 3) uint8 at the input's size, at
+        ``threshold`` (None = :attr:`threshold`)."""
+        threshold = self.threshold if threshold is None else threshold
         prompt = _clean(prompt, "prompt")
         loaded = self.load(path)
         tensor = self.prepare(loaded)
@@ -662,7 +687,7 @@ class DemoSession:
         probability = resize_to(maps["probability"].float(), loaded.size)[0, 0].cpu().numpy()
         mask = probability >= threshold
         overlay = render.mask_overlay(loaded.display, mask)
-        info = {"prompt": prompt, "found": bool(mask.any()), "area_fraction": round(float(mask.mean()), 6),
+        info = {"prompt": prompt, "threshold": threshold, "found": bool(mask.any()), "area_fraction": round(float(mask.mean()), 6),
                 "mean_probability_in_mask": round(float(probability[mask].mean()), 4) if mask.any() else 0.0,
                 "max_probability": round(float(probability.max()), 4), "size": list(loaded.size),
                 "checkpoints": self.n_members, "input": loaded.describe()}
@@ -786,10 +811,28 @@ def load_session(checkpoints: Sequence[str | Path] | None = None, backbone: str 
                          f"hf-hub:ID") from error
     limits = limits or Limits()
     session = DemoSession(Predictor(models, device=device, dtype=dtype, max_pixels=limits.max_pixels), limits,
-                          available=available_models() if available is None else available)
+                          available=available_models() if available is None else available,
+                          operating_point=set_operating_point(directories))
     # the reference that knows these models' training domains (both sets share one backbone)
     session.domain_reference = find_domain_reference(models[0].clip_backbone.weights_sha256, session.training_domains)
     return session
+
+
+def set_operating_point(directories: Sequence[Path]) -> dict[str, Any] | None:
+    """The operating point of the folder holding exactly these members (a model set), if it has one; a subset or a
+    mix of folders gets none (the threshold was chosen for that whole ensemble). Raises :class:`SetupError` naming
+    a broken file."""
+    parents = {Path(d).resolve().parent for d in directories}
+    if len(parents) != 1:
+        return None
+    folder = parents.pop()
+    if sorted(p.resolve() for p in find_checkpoints(folder)) != sorted(Path(d).resolve() for d in directories):
+        return None
+    try:
+        return read_operating_point(folder)
+    except ValueError as error:
+        raise SetupError(f"{error}\nRerun `python -m train.operating_point ... --ship NAME={folder}/"
+                         f"{OPERATING_POINT_FILE}` or delete the file (the demo then thresholds at 0.5)") from error
 
 
 class ModelSets:

@@ -31,6 +31,27 @@ from freqmedclip.modeling.model import FreqMedCLIP, build_model
 FORMAT = "freqmedclip-checkpoint-v1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+# A model set's folder (one subfolder per ensemble member) may hold the mask threshold chosen for that ensemble on
+# validation (``python -m train.operating_point``): {"threshold": float in (0, 1), "split": ..., ...}.
+OPERATING_POINT_FILE = "operating_point.json"
+
+
+def read_operating_point(folder: str | Path) -> dict[str, Any] | None:
+    """The operating point stored in a model set's folder, or None if it has none.
+
+    Raises ValueError naming the file when it is not JSON or its threshold is not a number strictly in (0, 1).
+    """
+    path = Path(folder) / OPERATING_POINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        point = json.loads(path.read_text())
+        threshold = point["threshold"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not an operating point (JSON with a 'threshold'): {error}") from None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise ValueError(f"{path}: threshold must be a number strictly between 0 and 1, got {threshold!r}")
+    return point
 
 
 class BackboneMismatchError(RuntimeError):

@@ -1,0 +1,169 @@
+"""train/operating_point.py: the validation sweep's numbers by hand, the choice rule, the shipped file, and
+train.evaluate thresholding each method at its chosen point."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from freqmedclip.data.dataset import SegmentationDataset
+from freqmedclip.data.format import StructureRecord, write_manifest, write_sample
+from freqmedclip.inference.checkpoint import OPERATING_POINT_FILE, load_ensemble, read_operating_point
+from freqmedclip.inference.predictor import Predictor
+from train import evaluate, operating_point
+from train.operating_point import CheckpointMaps, SweepPoint, choose, sweep
+
+SIDE = 224
+PIXELS = SIDE * SIDE
+
+
+def make_dataset(root: Path, split: str) -> Path:
+    """Dataset "a": image 0 with a 10x10 target and an absent "ring" prompt; image 1 with the target only."""
+    records = []
+    for index in range(2):
+        mask = np.zeros((SIDE, SIDE), bool)
+        mask[20:30, 20:30] = True
+        image = (np.random.default_rng(index).random((SIDE, SIDE)) * 60 + mask * 150).astype(np.uint8)
+        image_path, masks = write_sample(root, f"a_{index}", image, {"blob": mask})
+        common = {"sample_id": f"a_{index}", "subject_id": f"s{index}", "dataset": "a", "modality": "CT",
+                  "image": image_path, "spacing_mm": (1.0, 1.0), "original_size": (SIDE, SIDE), "source": "",
+                  "split": split}
+        records.append(StructureRecord(structure="blob", prompts=["bright blob"], mask=masks["blob"], **common))
+        if index == 0:
+            records.append(StructureRecord(structure="ring", prompts=["dark ring"], mask=None, **common))
+    write_manifest(root, records)
+    return root
+
+
+@pytest.fixture(scope="module")
+def val_dataset(tmp_path_factory) -> SegmentationDataset:
+    return SegmentationDataset(make_dataset(tmp_path_factory.mktemp("val-data"), "val"), "val", train=False)
+
+
+def region(rows: slice, cols: slice, value: float) -> torch.Tensor:
+    out = torch.zeros(SIDE, SIDE)
+    out[rows, cols] = value
+    return out
+
+
+def test_sweep_numbers_by_hand(val_dataset):
+    # records: (a_0 blob), (a_0 ring, absent), (a_1 blob)
+    target = region(slice(20, 30), slice(20, 30), 0.8)                 # the 100 target pixels at 0.8
+    halo = region(slice(30, 40), slice(20, 30), 0.4)                   # 100 more pixels beside them at 0.4
+    absent = region(slice(100, 140), slice(100, 125), 0.6)             # 1000 pixels (2.0 % of the image) at 0.6
+    records = torch.stack([target + halo, absent, region(slice(20, 30), slice(20, 25), 0.8)])
+    phrase = torch.zeros(2, 6, SIDE, SIDE)
+    phrase[0, 0, :30, :30] = 0.45                                      # 900 px = 1.8 %: one pair above 1 % at t < 0.45
+    maps = CheckpointMaps(records.half(), phrase.half())
+    points = {p.threshold: p for p in sweep([maps], val_dataset, {"a": "blob"}, [0.3, 0.5, 0.7])}
+    # t = 0.3: a_0 predicts 200 px, 100 overlap -> 2*100/300; a_1 predicts 50 inside the 100 -> 2*50/150
+    assert points[0.3].dice["a"] == pytest.approx((2 * 100 / 300 + 2 * 50 / 150) / 2, abs=1e-6)
+    assert points[0.5].dice["a"] == pytest.approx((1.0 + 2 * 50 / 150) / 2, abs=1e-6)
+    assert points[0.5].avg_dice == points[0.5].dice["a"]
+    # the absent record is painted (2 % >= 1 %) until the threshold passes 0.6
+    assert [points[t].absent_empty for t in (0.3, 0.5, 0.7)] == [0.0, 0.0, 1.0]
+    # 12 (image, phrase) pairs, one of them painted while t <= 0.45
+    assert [points[t].phrases_empty for t in (0.3, 0.5, 0.7)] == pytest.approx([11 / 12, 1.0, 1.0])
+
+
+def test_an_ensemble_is_swept_on_its_members_mean(val_dataset):
+    loud = region(slice(20, 30), slice(20, 30), 1.0)
+    quiet = region(slice(20, 30), slice(20, 30), 0.2)
+    zeros = torch.zeros(2, 6, SIDE, SIDE).half()
+    members = [CheckpointMaps(torch.stack([loud, loud * 0, loud]).half(), zeros),
+               CheckpointMaps(torch.stack([quiet, quiet * 0, quiet]).half(), zeros)]
+    points = sweep(members, val_dataset, {"a": "blob"}, [0.55, 0.65])  # mean 0.6 on the target
+    assert [p.dice["a"] for p in points] == pytest.approx([1.0, 0.0])
+
+
+def point(threshold: float, dice: float, absent: float, phrases: float) -> SweepPoint:
+    return SweepPoint(threshold, {"a": dice}, dice, absent, phrases)
+
+
+def test_choice_is_the_best_dice_among_points_that_leave_enough_empty():
+    points = [point(0.3, 0.80, 0.90, 0.99), point(0.5, 0.75, 0.96, 0.97), point(0.7, 0.70, 0.99, 0.99)]
+    assert choose(points, 0.95) == (points[1], True)
+    # when none leaves enough empty: the largest smaller share, not the best Dice
+    assert choose(points, 0.995) == (points[2], False)
+    # equal Dice: the threshold nearest 0.5 wins, whichever side it is on
+    tied = [point(0.3, 0.7, 1.0, 1.0), point(0.6, 0.7, 1.0, 1.0), point(0.8, 0.7, 1.0, 1.0)]
+    assert choose(tied, 0.95) == (tied[1], True)
+
+
+def test_maps_equal_one_prompt_at_a_time_and_the_shipped_file_reads_back(val_dataset, untrained_checkpoints, mini_backbone,
+                                                                            tmp_path):
+    out, ship = tmp_path / "points.json", tmp_path / "set" / OPERATING_POINT_FILE
+    result = operating_point.main(["--data", str(val_dataset.root), "--out", str(out), "--device", "cpu",
+                                   "--thresholds", "0.2", "0.5", "0.8",
+                                   "--runs", f"ens={untrained_checkpoints[0]},{untrained_checkpoints[1]}", f"one={untrained_checkpoints[0]}",
+                                   "--ship", f"ens={ship}"])
+    assert json.loads(out.read_text()) == result and out.with_suffix(".md").is_file()
+    for name in ("ens", "one"):
+        entry = result["methods"][name]
+        points = [SweepPoint(**p) for p in entry["sweep"]]
+        assert [p.threshold for p in points] == [0.2, 0.5, 0.8]
+        assert (choose(points)[0].threshold, choose(points)[1]) == (entry["threshold"], entry["meets_min_empty"])
+    shipped = read_operating_point(ship.parent)
+    assert shipped["threshold"] == result["methods"]["ens"]["threshold"] and shipped["split"] == "val"
+
+    # independent of the batched call: record 0 and image 1's third phrase through a fresh single-model Predictor
+    maps = operating_point.checkpoint_maps(untrained_checkpoints[0], val_dataset, torch.device("cpu"), "fp32", {})
+    predictor = Predictor(load_ensemble([untrained_checkpoints[0]], backbone=mini_backbone))
+    first, second = val_dataset[0], val_dataset[2]
+    expected = predictor.predict_tensor(first["image"][None], [first["prompt"]])["probability"][0, 0]
+    assert torch.allclose(maps.records[0].float(), expected, atol=2e-3)
+    phrase = operating_point.VALIDATION_UNRELATED_PROMPTS[2]
+    expected = predictor.predict_tensor(second["image"][None], [phrase])["probability"][0, 0]
+    assert torch.allclose(maps.phrases[1, 2].float(), expected, atol=2e-3)
+
+
+def test_the_test_split_is_refused(val_dataset, untrained_checkpoints, tmp_path):
+    with pytest.raises(SystemExit):
+        operating_point.main(["--data", str(val_dataset.root), "--split", "test", "--out", str(tmp_path / "x.json"),
+                              "--runs", f"one={untrained_checkpoints[0]}"])
+
+
+@pytest.mark.parametrize("text, problem", [("{not json", "not an operating point"),
+                                           ('{"split": "val"}', "not an operating point"),
+                                           ('{"threshold": 1.5}', "strictly between 0 and 1"),
+                                           ('{"threshold": true}', "strictly between 0 and 1")])
+def test_a_bad_operating_point_file_is_named(tmp_path, text, problem):
+    assert read_operating_point(tmp_path) is None                      # no file: no operating point
+    (tmp_path / OPERATING_POINT_FILE).write_text(text)
+    with pytest.raises(ValueError, match=problem) as error:
+        read_operating_point(tmp_path)
+    assert OPERATING_POINT_FILE in str(error.value)
+
+
+def test_evaluate_thresholds_each_method_at_its_operating_point(tmp_path, untrained_checkpoints, mini_backbone):
+    data = make_dataset(tmp_path / "test-data", "test")
+    chosen = {"ens": (0.3, [untrained_checkpoints[0], untrained_checkpoints[1]]), "one": (0.7, [untrained_checkpoints[0]])}
+    points = tmp_path / "points.json"
+    points.write_text(json.dumps({"methods": {n: {"threshold": t, "checkpoints": [str(c) for c in cs]}
+                                              for n, (t, cs) in chosen.items()}}))
+    runs = [f"{n}={','.join(map(str, cs))}" for n, (_, cs) in chosen.items()]
+    common = ["--data", str(data), "--split", "test", "--device", "cpu", "--warmup", "0", "--n-boot", "20"]
+    result = evaluate.main([*common, "--out", str(tmp_path / "eval"), "--runs", *runs, "--operating-points",
+                            str(points)])
+    dataset = SegmentationDataset(data, "test", train=False)
+    item = dataset[0]
+    for name, (threshold, members) in chosen.items():
+        assert result["methods"][name]["threshold"] == threshold
+        probability = Predictor(load_ensemble(members, backbone=mini_backbone)).predict_tensor(
+            item["image"][None], [item["prompt"]])["probability"]
+        with open(tmp_path / "eval" / f"cases_{name}.csv", newline="") as handle:
+            row = next(r for r in csv.DictReader(handle) if r["sample_id"] == item["sample_id"])
+        assert float(row["pred_area"]) == pytest.approx((probability >= threshold).float().mean().item(), abs=1e-6)
+    assert "Thresholds chosen on validation" in (tmp_path / "eval" / "tables.md").read_text()
+
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"methods": {"ens": {"threshold": 0.3, "checkpoints": [str(untrained_checkpoints[0])]}}}))
+    with pytest.raises(SystemExit, match="was chosen for"):
+        evaluate.main([*common, "--out", str(tmp_path / "e2"), "--runs", runs[0], "--operating-points", str(wrong)])
+    with pytest.raises(SystemExit, match="no operating point for 'one'"):
+        evaluate.main([*common, "--out", str(tmp_path / "e3"), "--runs", runs[1], "--operating-points", str(wrong)])
