@@ -95,12 +95,13 @@ def test_choice_is_the_best_dice_among_points_that_leave_enough_empty():
     assert choose(tied, 0.95) == (tied[1], True)
 
 
-def test_maps_equal_one_prompt_at_a_time_and_the_shipped_file_reads_back(val_dataset, untrained_checkpoints, mini_backbone,
-                                                                            tmp_path):
+def test_maps_equal_one_prompt_at_a_time_and_the_shipped_file_reads_back(val_dataset, untrained_checkpoints,
+                                                                            mini_backbone, tmp_path):
+    first_ckpt, second_ckpt = untrained_checkpoints
     out, ship = tmp_path / "points.json", tmp_path / "set" / OPERATING_POINT_FILE
     result = operating_point.main(["--data", str(val_dataset.root), "--out", str(out), "--device", "cpu",
                                    "--thresholds", "0.2", "0.5", "0.8",
-                                   "--runs", f"ens={untrained_checkpoints[0]},{untrained_checkpoints[1]}", f"one={untrained_checkpoints[0]}",
+                                   "--runs", f"ens={first_ckpt},{second_ckpt}", f"one={first_ckpt}",
                                    "--ship", f"ens={ship}"])
     assert json.loads(out.read_text()) == result and out.with_suffix(".md").is_file()
     for name in ("ens", "one"):
@@ -112,8 +113,8 @@ def test_maps_equal_one_prompt_at_a_time_and_the_shipped_file_reads_back(val_dat
     assert shipped["threshold"] == result["methods"]["ens"]["threshold"] and shipped["split"] == "val"
 
     # independent of the batched call: record 0 and image 1's third phrase through a fresh single-model Predictor
-    maps = operating_point.checkpoint_maps(untrained_checkpoints[0], val_dataset, torch.device("cpu"), "fp32", {})
-    predictor = Predictor(load_ensemble([untrained_checkpoints[0]], backbone=mini_backbone))
+    maps = operating_point.checkpoint_maps(first_ckpt, val_dataset, torch.device("cpu"), "fp32", {})
+    predictor = Predictor(load_ensemble([first_ckpt], backbone=mini_backbone))
     first, second = val_dataset[0], val_dataset[2]
     expected = predictor.predict_tensor(first["image"][None], [first["prompt"]])["probability"][0, 0]
     assert torch.allclose(maps.records[0].float(), expected, atol=2e-3)
@@ -142,7 +143,8 @@ def test_a_bad_operating_point_file_is_named(tmp_path, text, problem):
 
 def test_evaluate_thresholds_each_method_at_its_operating_point(tmp_path, untrained_checkpoints, mini_backbone):
     data = make_dataset(tmp_path / "test-data", "test")
-    chosen = {"ens": (0.3, [untrained_checkpoints[0], untrained_checkpoints[1]]), "one": (0.7, [untrained_checkpoints[0]])}
+    first_ckpt, second_ckpt = untrained_checkpoints
+    chosen = {"ens": (0.3, [first_ckpt, second_ckpt]), "one": (0.7, [first_ckpt])}
     points = tmp_path / "points.json"
     points.write_text(json.dumps({"methods": {n: {"threshold": t, "checkpoints": [str(c) for c in cs]}
                                               for n, (t, cs) in chosen.items()}}))
@@ -162,7 +164,7 @@ def test_evaluate_thresholds_each_method_at_its_operating_point(tmp_path, untrai
     assert "Thresholds chosen on validation" in (tmp_path / "eval" / "tables.md").read_text()
 
     wrong = tmp_path / "wrong.json"
-    wrong.write_text(json.dumps({"methods": {"ens": {"threshold": 0.3, "checkpoints": [str(untrained_checkpoints[0])]}}}))
+    wrong.write_text(json.dumps({"methods": {"ens": {"threshold": 0.3, "checkpoints": [str(first_ckpt)]}}}))
     with pytest.raises(SystemExit, match="was chosen for"):
         evaluate.main([*common, "--out", str(tmp_path / "e2"), "--runs", runs[0], "--operating-points", str(wrong)])
     with pytest.raises(SystemExit, match="no operating point for 'one'"):

@@ -14,9 +14,10 @@ holding ``best/``. Outputs in ``--out``: ``cases_<method>.csv`` (one row per (im
 Notable choices:
 * Geometry: the model sees the stored image resized to 224 (as in training); its probability map is bilinearly
   upsampled to the stored mask's grid, thresholded at ``--threshold`` (``>=``, as the Predictor), and every metric
-  is computed there with the record's ``spacing_mm``. With ``--operating-points`` (the JSON of
-  ``train.operating_point``) each method is thresholded at its own threshold chosen there on validation instead. For converters that store 224x224 masks (all of ours) that
+  is computed there with the record's ``spacing_mm``. For converters that store 224x224 masks (all of ours) that
   grid IS the stored 224 grid, with the spacing already rescaled to it; the native scanner grid is not revisited.
+* Thresholds: with ``--operating-points`` (the JSON of ``train.operating_point``) each method is thresholded at its
+  own threshold, chosen on validation, instead of ``--threshold``.
 * Metrics and conventions come from ``freqmedclip.evaluation.metrics`` (DATA.md 4.3): both masks empty -> Dice = IoU = NSD = 1,
   distances 0; exactly one empty -> overlap 0 and distances = the image diagonal in mm. Such cases are kept and
   counted, never dropped. HD95 is the max of the two directed 95th percentiles; "Boundary Dice" is NSD at
@@ -458,8 +459,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     backbones: dict[str, ClipBackbone] = {}
     for method in methods:
         start = time.perf_counter()
-        evaluate_method(method, dataset, device, args.dtype, method.threshold, args.tolerance_mm, args.warmup, backbones,
-                        args.max_cases, args.out / "masks" / file_stem(method.name) if args.save_masks else None)
+        masks = args.out / "masks" / file_stem(method.name) if args.save_masks else None
+        evaluate_method(method, dataset, device, args.dtype, method.threshold, args.tolerance_mm, args.warmup,
+                        backbones, args.max_cases, masks)
         write_cases(args.out / f"cases_{file_stem(method.name)}.csv", method.rows)
         positives = [r["dice"] for r in method.rows if r["positive"]]
         dice = statistics.fmean(positives) if positives else math.nan

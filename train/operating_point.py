@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from collections.abc import Sequence
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": str(args.data), "split": args.split, "rule": RULE, "min_empty": args.min_empty,
         "max_area_fraction": NEGATIVE_AREA, "unrelated_prompts": list(VALIDATION_UNRELATED_PROMPTS),
         "table_structures": headline, "code_version": code_version(),
-        "command": " ".join(["python -m train.operating_point", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(["python", "-m", "train.operating_point", *(argv if argv is not None else sys.argv[1:])]),
         "methods": {},
     }
     tables = []

@@ -687,7 +687,8 @@ class DemoSession:
         probability = resize_to(maps["probability"].float(), loaded.size)[0, 0].cpu().numpy()
         mask = probability >= threshold
         overlay = render.mask_overlay(loaded.display, mask)
-        info = {"prompt": prompt, "threshold": threshold, "found": bool(mask.any()), "area_fraction": round(float(mask.mean()), 6),
+        info = {"prompt": prompt, "threshold": threshold, "found": bool(mask.any()),
+                "area_fraction": round(float(mask.mean()), 6),
                 "mean_probability_in_mask": round(float(probability[mask].mean()), 4) if mask.any() else 0.0,
                 "max_probability": round(float(probability.max()), 4), "size": list(loaded.size),
                 "checkpoints": self.n_members, "input": loaded.describe()}
