@@ -41,7 +41,7 @@ from freqmedclip.modeling.model import Switches
 from freqmedclip.inference.predictor import Predictor
 from freqmedclip.inference.preprocess import WINDOW_PRESETS, InputError, normalize
 
-nib = pytest.importorskip("nibabel")
+nib = pytest.importorskip("nibabel")   # in requirements.txt; a package-only install (no demo) skips NIfTI
 
 
 # ---------------------------------------------------------------- pictures

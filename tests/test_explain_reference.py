@@ -9,7 +9,7 @@ import pytest
 import torch
 from _demo_support import decisive_model
 
-pytest.importorskip("pytorch_grad_cam")
+pytest.importorskip("pytorch_grad_cam")   # grad-cam (requirements.txt) is the reference CAM library; absent, skip
 from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget  # noqa: E402
 

@@ -590,7 +590,7 @@ MONAI_REL = 1e-6
 
 @pytest.mark.parametrize("seed", range(12))
 def test_distance_metrics_match_monai_on_random_masks_with_anisotropic_spacing(seed):
-    pytest.importorskip("monai")
+    pytest.importorskip("monai")   # the independent oracle (a test-only requirement); absent, nothing to compare
     rng = np.random.default_rng(500 + seed)
     shape = (int(rng.integers(6, 25)), int(rng.integers(6, 25)))
     spacing = (float(rng.uniform(0.3, 2.5)), float(rng.uniform(0.3, 2.5)))

@@ -18,7 +18,7 @@ ENSEMBLE = "assets/phantom/checkpoints/mini-seed0,assets/phantom/checkpoints/min
 def recorded(tmp_path):
     """Run the recipe from a copy of the repository (so nothing real is touched) with a recording `python`."""
     if shutil.which("bash") is None:
-        pytest.skip("needs bash")
+        pytest.skip("needs bash")   # the recipes are bash scripts; a machine without it cannot run them at all
     repo = tmp_path / "repo"
     shutil.copytree(REPO / "train", repo / "train", ignore=shutil.ignore_patterns("__pycache__"))
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.txt"

@@ -171,8 +171,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"also write NAME's operating point to FILE (a model set's {OPERATING_POINT_FILE})")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.set_defaults(checkpoint=None)                     # train.evaluate.parse_methods reads --checkpoint too
     args = parser.parse_args(argv)
-    args.checkpoint = None
     if any(not 0 < t < 1 for t in args.thresholds):
         parser.error(f"--thresholds must lie strictly between 0 and 1, got {args.thresholds}")
     if args.split == "test":
