@@ -39,7 +39,8 @@ fi
 
     def run(*args: str, recipe: str = "phantom.sh", **env: str) -> list[str]:
         log.unlink(missing_ok=True)
-        environment = {k: v for k, v in os.environ.items() if k not in ("JOBS", "OMP_NUM_THREADS", "SEEDS", "MIRROR")}
+        environment = {k: v for k, v in os.environ.items() if k not in ("JOBS", "OMP_NUM_THREADS", "SEEDS", "MIRROR",
+                                                                           "TRAIN_FLAGS")}
         environment.update(env, PATH=f"{bin_dir}:{os.environ['PATH']}")
         subprocess.run(["bash", str(repo / "train" / "recipes" / recipe), *args], env=environment, check=True,
                        capture_output=True, text=True)
@@ -114,6 +115,13 @@ def test_ablations_train_every_table_4_variant_and_compare_with_the_shipped_seed
     assert "no_tca=runs/phantom_no_tca-seed0" in calls[-1]
     assert '--full-method FreqMedCLIP-mini (seed 0)' in calls[-1]
     assert "--out results/phantom-ablations" in calls[-1]
+
+
+def test_train_flags_reach_every_training_and_nothing_else(recorded):
+    calls = recorded("ablations", TRAIN_FLAGS="--amp none")
+    trainings = [c for c in calls if c.startswith("-m train.train")]
+    assert len(trainings) == 5 and all(c.endswith("-seed0 --amp none [threads=]") for c in trainings)
+    assert not any("--amp" in c for c in calls if not c.startswith("-m train.train"))
 
 
 def test_publishing_refuses_a_run_that_does_not_exist(recorded):

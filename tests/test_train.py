@@ -243,7 +243,7 @@ def test_torchrun_two_processes_on_cpu(tiny_data, mini_backbone_dir, tmp_path):
                             check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     (row,) = read_rows(run)
-    assert row["world_size"] == 2 and row["step"] == 2
+    assert row["world_size"] == 2 and row["step"] == 2 and row["precision"] == "fp32"   # run_args: --amp none
     assert row["val"]["count"] == {"brain": 2, "breast": 1, "lung": 2}      # 5 records, none counted twice
     state = json.loads((run / "latest/train_state.json").read_text())
     assert state["world_size"] == 2 and len(state["rng"]) == 2

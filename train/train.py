@@ -434,8 +434,8 @@ def set_up(args: argparse.Namespace, command: list[str], rank: int, world: int, 
     steps_per_epoch = math.ceil(n_batches / args.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, steps_per_epoch, args.t_max, args.warmup_steps))
-    log.info("%s/%s on %s x %d | train %d records, val %d (%d scored by this rank) | effective batch %d | "
-             "%d steps/epoch | %d prompts", args.preset, args.variant, device, world, len(train_set), len(val_set),
+    log.info("%s/%s on %s x %d in %s | train %d records, val %d (%d scored by this rank) | effective batch %d | "
+             "%d steps/epoch | %d prompts", args.preset, args.variant, device, world, amp, len(train_set), len(val_set),
              sum(len(group) for group in val_groups.groups),
              args.batch_size * world * args.grad_accum, math.ceil(n_batches / args.grad_accum), len(prompts))
     return Run(args, command, rank, world, device, log, model, params, optimizer, scheduler, amp, scaler, sampler,
@@ -523,7 +523,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     row: dict[str, Any] = {"epoch": epoch + 1, "step": run.progress["step"], "lr": optimizer.param_groups[0]["lr"],
                            "train": {t: v / steps for t, v in zip(LOSS_TERMS, totals)},
                            "grad_norm": totals[len(LOSS_TERMS)] / steps, "time_s": round(seconds, 2),
-                           "images_per_s": round(totals[-1] / seconds, 2), "world_size": run.world}
+                           "images_per_s": round(totals[-1] / seconds, 2), "world_size": run.world,
+                           # what --amp resolved to on this machine: "auto" alone does not say (bf16 or fp32)
+                           "precision": run.amp}
     run.progress["epoch"] = epoch + 1
     return row
 

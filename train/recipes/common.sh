@@ -91,11 +91,13 @@ make_phantom_data() {
 #   the seeds and the two single-stream baselines are published), RESULTS, SEEDS, BASELINE_VARIANTS (training order),
 #   EVALUATED_SEEDS (single seeds evaluated beside the ensemble), ABLATIONS, PUBLISH_DTYPE (the shipped weights).
 
-# runs VARIANT:SEED ...: the trainer's flags for $CONFIG into runs/<PREFIX>_VARIANT-seedSEED
+# runs VARIANT:SEED ...: the trainer's flags for $CONFIG into runs/<PREFIX>_VARIANT-seedSEED, then $TRAIN_FLAGS.
+# TRAIN_FLAGS='--amp none' keeps a run in fp32 where the config's `amp: auto` would pick bf16 (a CPU with native
+# bf16): an ablation must differ from the seeds it is compared with only in what it ablates.
 runs() {
     for spec in "$@"; do
         printf '%s
-' "--config $CONFIG --variant ${spec%:*} --seed ${spec#*:} --run-dir runs/${PREFIX}_${spec%:*}-seed${spec#*:}"
+' "--config $CONFIG --variant ${spec%:*} --seed ${spec#*:} --run-dir runs/${PREFIX}_${spec%:*}-seed${spec#*:}${TRAIN_FLAGS:+ $TRAIN_FLAGS}"
     done
 }
 
