@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from torch import nn
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHOICES = ("auto", "none", *DTYPES)   # "none" = "fp32", kept for the trainer's --amp flag
@@ -45,3 +46,23 @@ def autocast(device: torch.device | str, name: str) -> contextlib.AbstractContex
     if name == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=DTYPES[name])
+
+
+# the layers whose weights autocast runs in the lower precision (matrix products and convolutions)
+AUTOCAST_LOWER_PRECISION_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def cast_weights_once(module: nn.Module, name: str) -> int:
+    """Cast the weights and biases of ``module``'s linear and convolution layers to ``name``'s dtype, in place, so
+    that autocast stops casting them again on every call; returns how many layers were cast (0 for fp32).
+
+    Exact under autocast to the same dtype: autocast rounds these arguments to that dtype anyway, and norms and other
+    layers it runs in fp32 keep their fp32 weights. Outside autocast the cast layers expect inputs of that dtype, so
+    only for modules that are never run in fp32 afterwards.
+    """
+    if name == "fp32":
+        return 0
+    layers = [m for m in module.modules() if isinstance(m, AUTOCAST_LOWER_PRECISION_LAYERS)]
+    for layer in layers:
+        layer.to(DTYPES[name])
+    return len(layers)
