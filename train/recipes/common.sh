@@ -96,8 +96,9 @@ make_phantom_data() {
 # bf16): an ablation must differ from the seeds it is compared with only in what it ablates.
 runs() {
     for spec in "$@"; do
+        local run_dir="runs/${PREFIX}_${spec%:*}-seed${spec#*:}"
         printf '%s
-' "--config $CONFIG --variant ${spec%:*} --seed ${spec#*:} --run-dir runs/${PREFIX}_${spec%:*}-seed${spec#*:}${TRAIN_FLAGS:+ $TRAIN_FLAGS}"
+' "--config $CONFIG --variant ${spec%:*} --seed ${spec#*:} --run-dir $run_dir${TRAIN_FLAGS:+ $TRAIN_FLAGS}"
     done
 }
 

@@ -4,7 +4,8 @@
 #   bash train/recipes/phantom.sh            # main part: data, backbone check, 3 seeds, 2 baselines, publish, evaluate
 #   bash train/recipes/phantom.sh ablations  # the Table 4 ablations (one seed each), then their evaluation
 #   bash train/recipes/phantom.sh all        # both
-#   TRAIN_FLAGS='--amp none' bash train/recipes/phantom.sh ablations   # extra flags for every training (here: fp32 on a bf16 CPU)
+#   TRAIN_FLAGS='--amp none' bash train/recipes/phantom.sh ablations
+#                                            # extra flags for every training (here: fp32 on a bf16 CPU)
 #
 # The backbone is the one of train/recipes/public.sh (pretrained on the real train images and the phantoms), so the
 # phantom and the real-data checkpoints share it; that needs the real data too (train/recipes/common.sh, backbone).

@@ -5,7 +5,8 @@
 #   bash train/recipes/public.sh ablations  # the Table 4 ablations (one seed each), then their evaluation
 #   bash train/recipes/public.sh all        # both
 #   SEEDS="0 1" bash train/recipes/public.sh   # fewer ensemble members (default: 0 1 2)
-#   TRAIN_FLAGS='--amp none' bash train/recipes/public.sh ablations   # extra flags for every training (here: fp32 on a bf16 CPU)
+#   TRAIN_FLAGS='--amp none' bash train/recipes/public.sh ablations
+#                                            # extra flags for every training (here: fp32 on a bf16 CPU)
 #
 # Data: the public files are read from $MIRROR (default ../shared/public-data, a byte-identical mirror) when it
 # exists, else downloaded from their GitHub URLs (freqmedclip/data/public/lock.tsv pins every file's sha256).
