@@ -94,3 +94,17 @@ def test_inference_benchmark_lists_top_ops_and_casts_nothing_in_fp32(tmp_path):
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
     assert result["weights_cast_once"] == {"layers": 0, "logits_identical": None}    # fp32: nothing to cast
     assert json.loads((tmp_path / "bench.json").read_text())["top_ops_end_to_end"] == ops
+
+
+def test_inference_benchmark_times_everything_in_inference_mode(monkeypatch):
+    from freqmedclip.inference import benchmark
+
+    modes = []
+
+    def record(fn, device, warmup, repeats):
+        modes.append(torch.is_inference_mode_enabled())
+        return 1.0
+
+    monkeypatch.setattr(benchmark, "median_ms", record)
+    benchmark.run("mini", "cpu", "fp32", warmup=0, repeats=1)
+    assert len(modes) == 9 and all(modes)     # 6 stages, batch 1 and 8, the yardstick: no autograd graph timed

@@ -89,7 +89,6 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-@torch.inference_mode()
 def top_ops(fn: Callable[[], object], calls: int, count: int) -> list[dict]:
     """The ``count`` ops with the most self CPU time over ``calls`` calls of ``fn`` (torch.profiler), per call."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
@@ -101,6 +100,7 @@ def top_ops(fn: Callable[[], object], calls: int, count: int) -> list[dict]:
              "share": round(e.self_cpu_time_total / total, 3)} for e in events[:count]]
 
 
+@torch.inference_mode()
 def run(preset: str, device_str: str, dtype: str, warmup: int = 5, repeats: int = 20, cast_once: bool = False,
         profile_ops: int = 0) -> dict:
     """Time the stages, the end-to-end forward and the ViT-B/16 yardstick. ``cast_once``: cast the frozen ViT's and
