@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from freqmedclip.inference.benchmark import device_name, peak_memory_mb, synchronize, write_json
+from freqmedclip.inference.benchmark import device_name, peak_memory_mb, profile_top_ops, synchronize, write_json
 from freqmedclip.modeling.config import VARIANTS, FreqMedCLIPConfig
 from freqmedclip.modeling.losses import segmentation_loss
 from freqmedclip.modeling.model import build_model
@@ -122,8 +122,6 @@ def breakdown(preset: str, variant: str, dtype: str, batch_size: int, repeats: i
     Each stage's backward starts from a fixed random cotangent on its outputs; inputs that carry a gradient in the
     real step (the decoders' features) carry one here too, so every stage pays for exactly the work it does there.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     device = torch.device("cpu")
     torch.manual_seed(0)
     config = FreqMedCLIPConfig.from_preset(preset, variant, frequency_weights="none")
@@ -181,15 +179,10 @@ def breakdown(preset: str, variant: str, dtype: str, batch_size: int, repeats: i
         optimizer.step()
 
     step_ms = _timed(training_step, repeats) * 1000
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        training_step()
-    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top_ops]
-    total_us = sum(e.self_cpu_time_total for e in prof.key_averages())
     return {"preset": preset, "variant": variant, "dtype": dtype, "batch_size": batch_size,
             "device": device_name(device), "threads": torch.get_num_threads(), "step_ms": round(step_ms, 1),
             "stages": stages,
-            "top_ops": [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1000, 1),
-                         "share": round(e.self_cpu_time_total / total_us, 3), "calls": e.count} for e in ops]}
+            "top_ops": profile_top_ops(training_step, 1, top_ops)}
 
 
 def print_breakdown(report: dict[str, Any]) -> None:

@@ -89,15 +89,16 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def top_ops(fn: Callable[[], object], calls: int, count: int) -> list[dict]:
-    """The ``count`` ops with the most self CPU time over ``calls`` calls of ``fn`` (torch.profiler), per call."""
+def profile_top_ops(fn: Callable[[], object], calls: int, count: int) -> list[dict]:
+    """The ``count`` ops with the most self CPU time over ``calls`` calls of ``fn`` (torch.profiler): per call of
+    ``fn``, each op's self time (ms), its share of all ops' self time and how often it ran."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         for _ in range(calls):
             fn()
     events = sorted(profile.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1000 / calls, 2),
-             "share": round(e.self_cpu_time_total / total, 3)} for e in events[:count]]
+             "share": round(e.self_cpu_time_total / total, 3), "calls": e.count // calls} for e in events[:count]]
 
 
 @torch.inference_mode()
@@ -151,7 +152,7 @@ def run(preset: str, device_str: str, dtype: str, warmup: int = 5, repeats: int 
         latency["end_to_end_bs1"] = median_ms(lambda: model(image1, prompt), device, warmup, repeats)
         latency["end_to_end_bs8"] = median_ms(lambda: model(image8, prompt * 8), device, 2, max(3, repeats // 4)) / 8
         # the yardstick, in the same run, dtype and autocast: a ratio survives a change of machine, a time does not
-        ops = top_ops(lambda: model(image1, prompt), 5, profile_ops) if profile_ops else []
+        ops = profile_top_ops(lambda: model(image1, prompt), 5, profile_ops) if profile_ops else []
         vit = plain_vit_b16().to(device).eval()
         if cast["layers"]:
             cast["yardstick_layers"] = precision.cast_weights_once(vit, dtype)
