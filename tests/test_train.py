@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,26 @@ def test_publishing_swaps_directories_atomically(tmp_path):
     os.replace(target, tmp_path / ".latest.old")                             # killed between the two renames
     state.recover(target)
     assert (target / "weights").read_text() == "2"
+
+
+def test_rerun_of_a_finished_run_returns_at_once_and_anything_else_takes_the_full_path(tiny_data, mini_backbone_dir,
+                                                                                       tmp_path, monkeypatch):
+    backbone = tmp_path / "backbone"
+    shutil.copytree(mini_backbone_dir, backbone)
+    run_dir = tmp_path / "run"
+    first = trainer.main(run_args(tiny_data, backbone, run_dir, "--epochs", "1"))
+
+    def set_up_again(*args, **kwargs):
+        raise AssertionError("set up again")
+
+    monkeypatch.setattr(trainer, "set_up", set_up_again)
+    assert trainer.main(run_args(tiny_data, backbone, run_dir, "--epochs", "1")) == first   # nothing built
+    for changed in (["--epochs", "2"], ["--epochs", "1", "--lr", "1e-3"], ["--epochs", "1", "--variant", "no_tca"]):
+        with pytest.raises(AssertionError, match="set up again"):
+            trainer.main(run_args(tiny_data, backbone, run_dir, *changed))
+    weights = next(backbone.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b" ")            # the backbone rebuilt: its run must train again
+    assert trainer.finished_run(trainer.parse_args(run_args(tiny_data, backbone, run_dir, "--epochs", "1"))) is None
 
 
 def test_crash_and_rerun_matches_uninterrupted_run(tiny_data, mini_backbone_dir, tmp_path, monkeypatch):

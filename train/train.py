@@ -11,9 +11,9 @@ Notable choices:
   4 x 4 GPUs x 2). Gradients are all-reduced on the last micro-step only (``no_sync``).
 * Rerunning the same command resumes from ``<run-dir>/latest`` at epoch granularity (weights, optimizer,
   scheduler, scaler, sampler epoch, every rank's RNG, best Dice, patience); progress inside an interrupted
-  epoch is discarded. Nothing is pickled: tensors go to safetensors, the rest to JSON, and a checkpoint
-  directory is written beside its target and swapped in, so a kill -9 never leaves a torn one
-  (``train/state.py``). Multi-node runs need ``--run-dir`` on a shared filesystem.
+  epoch is discarded; a finished run returns at once, before its model is built. Nothing is pickled: tensors
+  go to safetensors, the rest to JSON, and a checkpoint directory is written beside its target and swapped in,
+  so a kill -9 never leaves a torn one (``train/state.py``). Multi-node runs need ``--run-dir`` on a shared filesystem.
 * The text tower is frozen; the model caches each prompt's features (encoded alone, in fp32, so they never
   depend on batch composition) and every prompt is encoded once before training starts.
 * Validation: Dice of the thresholded fused mask per record (both empty = 1, as ``freqmedclip.evaluation.metrics``),
@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from freqmedclip.modeling.backbone import ClipBackbone
+from freqmedclip.modeling.backbone import BackboneNotFoundError, ClipBackbone, resolve_backbone_files, sha256_file
 from freqmedclip.inference.checkpoint import WEIGHTS, atomic_write, code_version, read_checkpoint_header, save_checkpoint
 from freqmedclip.inference import precision
 from freqmedclip.modeling.config import PRESETS, VARIANTS, FreqMedCLIPConfig
@@ -138,14 +138,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------------- model, data
+def model_config(args: argparse.Namespace) -> FreqMedCLIPConfig:
+    """The config of the model named by the args."""
+    overrides = {k: v for k, v in (("backbone", args.backbone), ("frequency_weights", args.frequency_weights)) if v}
+    return FreqMedCLIPConfig.from_preset(args.preset, args.variant, bce_weight=args.bce_weight,
+                                         semantic_aux_weight=args.alpha, frequency_aux_weight=args.beta,
+                                         branch_bce=args.branch_bce, bce_pos_weight=args.bce_pos_weight, **overrides)
+
+
 def make_model(args: argparse.Namespace, backbone: ClipBackbone | None = None) -> FreqMedCLIP:
     """The model named by the args; ``backbone`` shares an already loaded CLIP (tests)."""
-    overrides = {k: v for k, v in (("backbone", args.backbone), ("frequency_weights", args.frequency_weights)) if v}
-    config = FreqMedCLIPConfig.from_preset(args.preset, args.variant, bce_weight=args.bce_weight,
-                                           semantic_aux_weight=args.alpha, frequency_aux_weight=args.beta,
-                                           branch_bce=args.branch_bce, bce_pos_weight=args.bce_pos_weight,
-                                           **overrides)
-    return build_model(config, backbone, random_backbone=args.random_backbone and backbone is None)
+    return build_model(model_config(args), backbone, random_backbone=args.random_backbone and backbone is None)
 
 
 class DistributedWeightedSampler(Sampler[int]):
@@ -328,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def train(args: argparse.Namespace, command: list[str], rank: int, world: int, device: torch.device) -> dict:
     """Set up, resume if ``<run-dir>/latest`` exists, then run the epochs; ``command`` goes into checkpoints."""
+    finished = finished_run(args)
+    if finished is not None:
+        return finished
     run = set_up(args, command, rank, world, device)
     resume_or_seed(run)
     run.ddp = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -440,6 +446,37 @@ def set_up(args: argparse.Namespace, command: list[str], rank: int, world: int, 
              args.batch_size * world * args.grad_accum, math.ceil(n_batches / args.grad_accum), len(prompts))
     return Run(args, command, rank, world, device, log, model, params, optimizer, scheduler, amp, scaler, sampler,
                loader, val_loader, sorted({r.dataset for r in val_set.records}), n_batches)
+
+
+def finished_run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The result of a run that ``<run-dir>/latest`` shows finished with these arguments, else None.
+
+    Lets a recipe re-run skip a finished run in a second instead of building its model and data first (about a
+    minute). Anything short of an exact match of the model config, the backbone's weights and the resume arguments
+    returns None, so the full path resumes, or refuses with its own message."""
+    latest = Path(args.run_dir) / "latest"
+    if args.random_backbone or not (latest / "train_state.json").is_file() or not (latest / "config.json").is_file():
+        return None
+    progress = json.loads((latest / "train_state.json").read_text())
+    if not (progress["stopped"] or progress["epoch"] >= args.epochs):
+        return None
+    header = read_checkpoint_header(latest)
+    config = model_config(args)
+    saved_args = header["metadata"].get("args", {})
+    if (FreqMedCLIPConfig.from_dict(header["config"]) != config
+            or any(saved_args.get(k) != getattr(args, k) for k in RESUME_ARGS)):
+        return None
+    try:
+        _, weights, _ = resolve_backbone_files(config.backbone)
+    except BackboneNotFoundError:
+        return None
+    if sha256_file(weights) != header["backbone"]["sha256"]:   # the backbone was rebuilt: train again
+        return None
+    why = progress["stopped"] or f"epoch {progress['epoch']} of {args.epochs}"
+    print(f"{args.run_dir}: finished ({why}), best val Dice {progress['best_dice']:.4f} at epoch "
+          f"{progress['best_epoch']}: nothing to do", flush=True)
+    return {"best_dice": progress["best_dice"], "best_epoch": progress["best_epoch"],
+            "epochs_done": progress["epoch"], "stopped": progress["stopped"]}
 
 
 def resume_or_seed(run: Run) -> None:
