@@ -106,9 +106,14 @@ def build_demo(models: ModelSets | DemoSession | Predictor) -> gr.Blocks:
             return (None, f"**Cannot read this file:** {error}", gr.Slider(visible=False), None,
                     gr.update(visible=False), gr.update(visible=False), *cleared())
 
+    def chosen_threshold(active: str, threshold: float, per_domain: bool) -> float | None:
+        """None (the session picks the image's domain threshold) while "per domain" is ticked and the set has them."""
+        return None if per_domain and sets.get(active).domain_thresholds else threshold
+
     def run_update(active: str, loaded: LoadedImage | None, prompt: str, bench_text: str, control: str,
-                   threshold: float, frequency: bool, ffbi: bool, film: bool, cam_method: str,
+                   threshold: float, per_domain: bool, frequency: bool, ffbi: bool, film: bool, cam_method: str,
                    progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
+        threshold = chosen_threshold(active, threshold, per_domain)
         p = sets.get(active).update(loaded, prompt, threshold=threshold, switches=Switches(frequency, ffbi, film),
                                     workbench_prompts=bench_text, control=control, cam_method=cam_method,
                                     progress=lambda fraction, message: progress(fraction, desc=message))
@@ -122,8 +127,9 @@ def build_demo(models: ModelSets | DemoSession | Predictor) -> gr.Blocks:
     run = readable(run_update, cleared)
 
     def compare_prompts(active: str, loaded: LoadedImage | None, prompt: str, bench_text: str, control: str,
-                        threshold: float, frequency: bool, ffbi: bool, film: bool) -> tuple:
-        return bench_outputs(sets.get(active).workbench(loaded, bench_text, control, threshold,
+                        threshold: float, per_domain: bool, frequency: bool, ffbi: bool, film: bool) -> tuple:
+        return bench_outputs(sets.get(active).workbench(loaded, bench_text, control,
+                                                        chosen_threshold(active, threshold, per_domain),
                                                         Switches(frequency, ffbi, film), main_prompt=prompt))
 
     compare = readable(compare_prompts, lambda message: ([], None, None, message))
@@ -143,9 +149,13 @@ def build_demo(models: ModelSets | DemoSession | Predictor) -> gr.Blocks:
         serving, message = sets.switch(name, active)
         if serving != name:
             return (serving, gr.update(value=serving), gr.skip(), message, gr.skip(),
-                    *(gr.skip() for _ in run_outputs))
+                    *(gr.skip() for _ in run_outputs), gr.skip())
         session = sets.get(serving)     # its own default threshold: the one chosen for it on validation, else 0.5
-        return serving, gr.skip(), session.header(), message, gr.update(value=session.threshold), *cleared()
+        return (serving, gr.skip(), session.header(), message, gr.update(value=session.threshold), *cleared(),
+                per_domain_update(session))
+
+    def per_domain_update(session: DemoSession) -> dict:
+        return gr.update(value=bool(session.domain_thresholds), visible=bool(session.domain_thresholds))
 
     def image(label: str, elem_id: str) -> gr.Image:
         return gr.Image(label=label, format="png", elem_id=elem_id)
@@ -183,6 +193,11 @@ def build_demo(models: ModelSets | DemoSession | Predictor) -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt", value=first_prompt, elem_id="prompt")
                 threshold = gr.Slider(0.05, 0.95, value=default.threshold, step=0.05, label="Mask threshold",
                                       elem_id="threshold")
+                # ticked: each image gets the threshold chosen on validation for its nearest training domain (the
+                # verdict names it); moving the slider unticks it
+                per_domain = gr.Checkbox(bool(default.domain_thresholds), visible=bool(default.domain_thresholds),
+                                         label="Threshold per domain (chosen on validation)",
+                                         elem_id="per-domain-threshold")
                 with gr.Row():
                     switches = [gr.Checkbox(True, label=name) for name in ("Frequency stream", "FFBI", "FiLM")]
                 run_button = gr.Button("Segment", variant="primary", elem_id="segment-button")
@@ -246,13 +261,14 @@ def build_demo(models: ModelSets | DemoSession | Predictor) -> gr.Blocks:
             trigger(lambda *a: load(*a[:3], None, a[4]), load_inputs, load_outputs, **PRIVATE)
         for trigger in (modality.input, window.input, slice_index.release):
             trigger(load, load_inputs, load_outputs, **PRIVATE)
-        run_button.click(run, [active, state, prompt, bench_text, control, threshold, *switches, cam_method],
-                         run_outputs, **PRIVATE)
-        compare_button.click(compare, [active, state, prompt, bench_text, control, threshold, *switches],
+        run_button.click(run, [active, state, prompt, bench_text, control, threshold, per_domain, *switches,
+                               cam_method], run_outputs, **PRIVATE)
+        compare_button.click(compare, [active, state, prompt, bench_text, control, threshold, per_domain, *switches],
                              [bench_gallery, iou, stats, reliance], **PRIVATE)
+        threshold.input(lambda: False, None, per_domain, **PRIVATE)
         preview.select(explore, [active, state, prompt], [*attention, explore_caption], **PRIVATE)
         model_choice.input(switch_models, [model_choice, active], [active, model_choice, header, model_status,
-                                                                   threshold, *run_outputs], **PRIVATE)
+                                                                   threshold, *run_outputs, per_domain], **PRIVATE)
 
         api_inputs = [gr.File(label="image", visible=False), gr.Textbox(label="prompt", visible=False)]
         api_outputs = [gr.Image(label=name, visible=False, format="png") for name in ("mask", "overlay")]

@@ -172,10 +172,16 @@ def test_page_offers_the_model_sets_and_switches_them(tmp_path, mini_backbone):
     assert failed[0] == "Phantoms" and "Could not load Missing" in failed[3]
     assert failed[1]["value"] == "Phantoms"                            # the selector goes back
     make_checkpoints(sets["Real"], mini_backbone, seeds=(1,))
-    (sets["Real"] / "operating_point.json").write_text('{"threshold": 0.7, "split": "val"}')
+    (sets["Real"] / "operating_point.json").write_text('{"threshold": 0.7, "split": "val", '
+                                                        '"domain_thresholds": {"lgg": 0.85}}')
+    assert _component(demo, "per-domain-threshold")["visible"] is False   # the phantom set has none
     done = switch("Real", "Phantoms")
     assert done[0] == "Real" and "Now serving **Real**" in done[3] and done[2] == models.get("Real").header()
     assert done[4]["value"] == 0.7 and "Default mask threshold **0.7**" in done[2]   # the set's own threshold
+    assert "brain MRI **0.85**" in done[2]
+    assert done[-1]["value"] is True and done[-1]["visible"] is True   # per-domain thresholds offered, ticked
     assert done[6] == "" and done[5] is None                           # verdict and fused mask cleared
+    back = switch("Phantoms", "Real")
+    assert back[-1]["value"] is False and back[-1]["visible"] is False
     shown = [item["image"]["orig_name"] for item in _component(demo, "examples")["value"]]
     assert shown == [e.path.rsplit("/", 1)[1] for e in load_examples(app.EXAMPLES_DIR)]   # examples.json's order

@@ -29,6 +29,7 @@ from freqmedclip.demo.session import (
     training_data,
     training_line,
 )
+from freqmedclip.inference.domain import DomainCheck
 
 
 def _fake_config(folder: Path, data: str, per_dataset: tuple[str, ...], published: dict | None = None) -> Path:
@@ -143,6 +144,40 @@ def test_a_set_opens_at_the_threshold_chosen_for_that_whole_ensemble(two_sets):
     (folder / "operating_point.json").write_text('{"threshold": 0}')
     with pytest.raises(SetupError, match="operating_point.json: threshold must be a number strictly between"):
         open_model_sets(sets={"second": folder})
+
+
+def test_an_image_gets_the_threshold_chosen_for_its_nearest_training_domain(two_sets, monkeypatch):
+    """With per-domain thresholds in operating_point.json an image inside the training domains gets its nearest
+    domain's (segment, update, workbench; the verdict says so); any other image gets the set's single one, and
+    an explicit threshold (the slider) always wins."""
+    folder = two_sets["second"]
+    (folder / "operating_point.json").write_text(json.dumps({"threshold": 0.5, "split": "val",
+                                                             "domain_thresholds": {"brain": 0.8}}))
+    session = open_model_sets(sets=two_sets).get("second")
+    assert session.domain_thresholds == {"brain": 0.8} and "brain MRI **0.8**" in session.header()
+    inside = DomainCheck("brain", distance=1.0, threshold=2.0, zero_shot={"brain": 1.0})
+    outside = DomainCheck("brain", distance=3.0, threshold=2.0, zero_shot={"brain": 1.0})
+    elsewhere = DomainCheck("lung", distance=1.0, threshold=2.0, zero_shot={"lung": 1.0})
+    threshold, why = session.threshold_for(inside)
+    assert threshold == 0.8 and "chosen on validation for brain MRI (brain), the training domain nearest" in why
+    for check, reason in ((outside, "outside every training domain"), (elsewhere, "no threshold was chosen for lung"),
+                          (None, "no domain reference")):
+        threshold, why = session.threshold_for(check)
+        assert threshold == 0.5 and reason in why
+
+    monkeypatch.setattr(session, "check_domain", lambda tensor: inside)
+    image = EXAMPLES / "brain_whole_tumour.png"
+    assert session.segment(image, "whole tumour")[2]["threshold"] == 0.8
+    loaded = session.load(image)
+    panels = session.update(loaded, "whole tumour")
+    at_08, at_05 = (session.update(loaded, "whole tumour", threshold=t) for t in (0.8, 0.5))
+    assert np.array_equal(panels.mask, at_08.mask) and not np.array_equal(panels.mask, at_05.mask)
+    assert "Mask threshold 0.8: the one chosen on validation for brain MRI" in panels.verdict
+    assert "Mask threshold" not in at_05.verdict                      # the slider's value: nothing to explain
+    bench = session.workbench(loaded, ["whole tumour"])
+    assert np.array_equal(bench.masks[0], session.workbench(loaded, ["whole tumour"], threshold=0.8).masks[0])
+    monkeypatch.setattr(session, "check_domain", lambda tensor: outside)
+    assert session.segment(image, "whole tumour")[2]["threshold"] == 0.5
 
 
 def test_single_wraps_an_injected_session(two_sets):

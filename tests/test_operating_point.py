@@ -22,20 +22,24 @@ SIDE = 224
 PIXELS = SIDE * SIDE
 
 
-def make_dataset(root: Path, split: str) -> Path:
-    """Dataset "a": image 0 with a 10x10 target and an absent "ring" prompt; image 1 with the target only."""
+def make_dataset(root: Path, split: str, domains: tuple[str, ...] = ("a",)) -> Path:
+    """Per domain d ("a": structure "blob", "b": "spot"): image d_0 with a 10x10 target and an absent "ring"
+    prompt; image d_1 with the target only."""
     records = []
-    for index in range(2):
-        mask = np.zeros((SIDE, SIDE), bool)
-        mask[20:30, 20:30] = True
-        image = (np.random.default_rng(index).random((SIDE, SIDE)) * 60 + mask * 150).astype(np.uint8)
-        image_path, masks = write_sample(root, f"a_{index}", image, {"blob": mask})
-        common = {"sample_id": f"a_{index}", "subject_id": f"s{index}", "dataset": "a", "modality": "CT",
-                  "image": image_path, "spacing_mm": (1.0, 1.0), "original_size": (SIDE, SIDE), "source": "",
-                  "split": split}
-        records.append(StructureRecord(structure="blob", prompts=["bright blob"], mask=masks["blob"], **common))
-        if index == 0:
-            records.append(StructureRecord(structure="ring", prompts=["dark ring"], mask=None, **common))
+    for domain in domains:
+        structure = {"a": "blob", "b": "spot"}[domain]
+        for index in range(2):
+            mask = np.zeros((SIDE, SIDE), bool)
+            mask[20:30, 20:30] = True
+            image = (np.random.default_rng(index).random((SIDE, SIDE)) * 60 + mask * 150).astype(np.uint8)
+            image_path, masks = write_sample(root, f"{domain}_{index}", image, {structure: mask})
+            common = {"sample_id": f"{domain}_{index}", "subject_id": f"{domain}s{index}", "dataset": domain,
+                      "modality": "CT", "image": image_path, "spacing_mm": (1.0, 1.0),
+                      "original_size": (SIDE, SIDE), "source": "", "split": split}
+            records.append(StructureRecord(structure=structure, prompts=[f"bright {structure}"],
+                                           mask=masks[structure], **common))
+            if index == 0:
+                records.append(StructureRecord(structure="ring", prompts=["dark ring"], mask=None, **common))
     write_manifest(root, records)
     return root
 
@@ -71,6 +75,41 @@ def test_sweep_numbers_by_hand(val_dataset):
     assert [points[t].phrases_empty for t in (0.3, 0.5, 0.7)] == pytest.approx([11 / 12, 1.0, 1.0])
 
 
+def test_per_domain_thresholds_by_hand(tmp_path):
+    # domain a: a confident target with a halo at 0.4 (best from 0.5 up); domain b: a faint target at 0.35 (found
+    # only at 0.3). One painted phrase pair on a's first image while t <= 0.45.
+    dataset = SegmentationDataset(make_dataset(tmp_path, "val", ("a", "b")), "val", train=False)
+    assert [(r.dataset, r.structure) for r in dataset.records] == [("a", "blob"), ("a", "ring"), ("a", "blob"),
+                                                                    ("b", "spot"), ("b", "ring"), ("b", "spot")]
+    confident = region(slice(20, 30), slice(20, 30), 0.8)
+    halo = region(slice(30, 40), slice(20, 30), 0.4)
+    faint = region(slice(20, 30), slice(20, 30), 0.35)
+    zero = torch.zeros(SIDE, SIDE)
+    records = torch.stack([confident + halo, zero, confident, faint, zero, faint])
+    phrase = torch.zeros(4, 6, SIDE, SIDE)
+    phrase[0, 0, :30, :30] = 0.45
+    points = sweep([CheckpointMaps(records.half(), phrase.half())], dataset, {"a": "blob", "b": "spot"},
+                   [0.3, 0.5, 0.7])
+    by = {p.threshold: p for p in points}
+    # single thresholds: 0.3 gives a (2*100/300 + 1) / 2 and b 1; 0.5 and 0.7 give a 1 and b 0
+    assert [by[t].avg_dice for t in (0.3, 0.5, 0.7)] == pytest.approx([((2 / 3 + 1) / 2 + 1) / 2, 0.5, 0.5])
+    # phrase pairs: 23 of 24 empty at 0.3 overall, but 11 of a's 12
+    assert by[0.3].phrases_empty == pytest.approx(23 / 24)
+    assert by[0.3].phrases_empty_by == pytest.approx({"a": 11 / 12, "b": 1.0})
+    assert by[0.3].phrases_count_by == {"a": 12, "b": 12} and by[0.3].absent_count_by == {"a": 1, "b": 1}
+    single, met = choose(points)
+    assert (single.threshold, met) == (0.3, True)
+    per_domain = operating_point.choose_per_domain(points)
+    # a: 0.3 fails its own phrases (11/12 < 0.95); 0.5 and 0.7 tie at Dice 1, nearest 0.5 wins. b: only 0.3 finds it
+    assert per_domain["thresholds"] == {"a": 0.5, "b": 0.3}
+    assert per_domain["avg_dice"] == pytest.approx(1.0)
+    assert (per_domain["absent_empty"], per_domain["phrases_empty"], per_domain["meets_min_empty"]) == (1.0, 1.0, True)
+    assert operating_point.adopt_per_domain(per_domain, single)
+    # not adopted when it does not beat the single threshold's Avg Dice, or when a domain misses the target
+    assert not operating_point.adopt_per_domain(dict(per_domain, avg_dice=single.avg_dice), single)
+    assert not operating_point.adopt_per_domain(dict(per_domain, meets_min_empty=False), single)
+
+
 def test_an_ensemble_is_swept_on_its_members_mean(val_dataset):
     loud = region(slice(20, 30), slice(20, 30), 1.0)
     quiet = region(slice(20, 30), slice(20, 30), 0.2)
@@ -102,15 +141,18 @@ def test_maps_equal_one_prompt_at_a_time_and_the_shipped_file_reads_back(val_dat
     result = operating_point.main(["--data", str(val_dataset.root), "--out", str(out), "--device", "cpu",
                                    "--thresholds", "0.2", "0.5", "0.8",
                                    "--runs", f"ens={first_ckpt},{second_ckpt}", f"one={first_ckpt}",
-                                   "--ship", f"ens={ship}"])
+                                   "--ship", f"ens={ship}", "--per-domain"])
     assert json.loads(out.read_text()) == result and out.with_suffix(".md").is_file()
     for name in ("ens", "one"):
         entry = result["methods"][name]
         points = [SweepPoint(**p) for p in entry["sweep"]]
         assert [p.threshold for p in points] == [0.2, 0.5, 0.8]
         assert (choose(points)[0].threshold, choose(points)[1]) == (entry["threshold"], entry["meets_min_empty"])
+        # one domain: its own choice is the single one, which it cannot beat, so it is not adopted
+        assert entry["per_domain"]["thresholds"] == {"a": entry["threshold"]} and not entry["per_domain"]["adopted"]
     shipped = read_operating_point(ship.parent)
     assert shipped["threshold"] == result["methods"]["ens"]["threshold"] and shipped["split"] == "val"
+    assert "domain_thresholds" not in shipped
 
     # independent of the batched call: record 0 and image 1's third phrase through a fresh single-model Predictor
     maps = operating_point.checkpoint_maps(first_ckpt, val_dataset, torch.device("cpu"), "fp32", {})
@@ -132,7 +174,9 @@ def test_the_test_split_is_refused(val_dataset, untrained_checkpoints, tmp_path)
 @pytest.mark.parametrize("text, problem", [("{not json", "not an operating point"),
                                            ('{"split": "val"}', "not an operating point"),
                                            ('{"threshold": 1.5}', "strictly between 0 and 1"),
-                                           ('{"threshold": true}', "strictly between 0 and 1")])
+                                           ('{"threshold": true}', "strictly between 0 and 1"),
+                                           ('{"threshold": 0.5, "domain_thresholds": {"lgg": 0}}', "domain_thresholds"),
+                                           ('{"threshold": 0.5, "domain_thresholds": [0.4]}', "domain_thresholds")])
 def test_a_bad_operating_point_file_is_named(tmp_path, text, problem):
     assert read_operating_point(tmp_path) is None                      # no file: no operating point
     (tmp_path / OPERATING_POINT_FILE).write_text(text)
@@ -145,9 +189,13 @@ def test_evaluate_thresholds_each_method_at_its_operating_point(tmp_path, untrai
     data = make_dataset(tmp_path / "test-data", "test")
     first_ckpt, second_ckpt = untrained_checkpoints
     chosen = {"ens": (0.3, [first_ckpt, second_ckpt]), "one": (0.7, [first_ckpt])}
+    per_domain = {"ens": {"adopted": True, "thresholds": {"a": 0.6}},      # used: a's images get 0.6
+                  "one": {"adopted": False, "thresholds": {"a": 0.2}}}     # chosen but not adopted: ignored
     points = tmp_path / "points.json"
-    points.write_text(json.dumps({"methods": {n: {"threshold": t, "checkpoints": [str(c) for c in cs]}
+    points.write_text(json.dumps({"methods": {n: {"threshold": t, "checkpoints": [str(c) for c in cs],
+                                                  "per_domain": per_domain[n]}
                                               for n, (t, cs) in chosen.items()}}))
+    applied = {"ens": 0.6, "one": 0.7}
     runs = [f"{n}={','.join(map(str, cs))}" for n, (_, cs) in chosen.items()]
     common = ["--data", str(data), "--split", "test", "--device", "cpu", "--warmup", "0", "--n-boot", "20"]
     result = evaluate.main([*common, "--out", str(tmp_path / "eval"), "--runs", *runs, "--operating-points",
@@ -160,8 +208,14 @@ def test_evaluate_thresholds_each_method_at_its_operating_point(tmp_path, untrai
             item["image"][None], [item["prompt"]])["probability"]
         with open(tmp_path / "eval" / f"cases_{name}.csv", newline="") as handle:
             row = next(r for r in csv.DictReader(handle) if r["sample_id"] == item["sample_id"])
-        assert float(row["pred_area"]) == pytest.approx((probability >= threshold).float().mean().item(), abs=1e-6)
-    assert "Thresholds chosen on validation" in (tmp_path / "eval" / "tables.md").read_text()
+        area = (probability >= applied[name]).float().mean().item()
+        assert float(row["pred_area"]) == pytest.approx(area, abs=1e-6)
+        if applied[name] != threshold:     # the domain's threshold made a difference on this record
+            assert abs(area - (probability >= threshold).float().mean().item()) > 1e-3
+    assert result["methods"]["ens"]["domain_thresholds"] == {"a": 0.6}
+    assert result["methods"]["one"]["domain_thresholds"] == {}
+    tables = (tmp_path / "eval" / "tables.md").read_text()
+    assert "Thresholds chosen on validation" in tables and "ens a 0.6 (else 0.3); one 0.7" in tables
 
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"methods": {"ens": {"threshold": 0.3, "checkpoints": [str(first_ckpt)]}}}))

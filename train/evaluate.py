@@ -17,7 +17,8 @@ Notable choices:
   is computed there with the record's ``spacing_mm``. For converters that store 224x224 masks (all of ours) that
   grid IS the stored 224 grid, with the spacing already rescaled to it; the native scanner grid is not revisited.
 * Thresholds: with ``--operating-points`` (the JSON of ``train.operating_point``) each method is thresholded at its
-  own threshold, chosen on validation, instead of ``--threshold``.
+  own threshold, chosen on validation, instead of ``--threshold``; where ``--per-domain`` adopted thresholds per
+  domain for a method, each image is thresholded at its dataset's.
 * Metrics and conventions come from ``freqmedclip.evaluation.metrics`` (DATA.md 4.3): both masks empty -> Dice = IoU = NSD = 1,
   distances 0; exactly one empty -> overlap 0 and distances = the image diagonal in mm. Such cases are kept and
   counted, never dropped. HD95 is the max of the two directed 95th percentiles; "Boundary Dice" is NSD at
@@ -86,9 +87,20 @@ class Method:
     checkpoints: list[Path]
     variants: list[str] = field(default_factory=list)
     threshold: float = 0.5
+    domain_thresholds: dict[str, float] = field(default_factory=dict)   # dataset -> its own, where chosen so
     rows: list[dict[str, Any]] = field(default_factory=list)
     unrelated_areas: list[float] = field(default_factory=list)    # predicted area per (image, held-out phrase)
     efficiency: dict[str, Any] = field(default_factory=dict)
+
+
+    def threshold_for(self, dataset: str) -> float:
+        """The threshold of an image of ``dataset``: its domain's where one was chosen, else the method's."""
+        return self.domain_thresholds.get(dataset, self.threshold)
+
+    def threshold_label(self) -> str:
+        if not self.domain_thresholds:
+            return f"{self.threshold:g}"
+        return ", ".join(f"{d} {t:g}" for d, t in self.domain_thresholds.items()) + f" (else {self.threshold:g})"
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -123,7 +135,8 @@ def parse_methods(args: argparse.Namespace) -> list[Method]:
 
 
 def apply_operating_points(methods: Sequence[Method], path: Path | None, default: float) -> None:
-    """Set every method's threshold: ``default``, or with ``path`` its entry there (same name, same checkpoints)."""
+    """Set every method's threshold: ``default``, or with ``path`` its entry there (same name, same checkpoints),
+    with its per-domain thresholds where ``train.operating_point --per-domain`` adopted them."""
     if path is None:
         for method in methods:
             method.threshold = default
@@ -137,6 +150,9 @@ def apply_operating_points(methods: Sequence[Method], path: Path | None, default
             raise SystemExit(f"{path}: the operating point of {method.name!r} was chosen for {entry['checkpoints']}, "
                              f"not {[str(c) for c in method.checkpoints]}")
         method.threshold = float(entry["threshold"])
+        per_domain = entry.get("per_domain") or {}
+        method.domain_thresholds = {d: float(t) for d, t in per_domain["thresholds"].items()} \
+            if per_domain.get("adopted") else {}
 
 
 def file_stem(name: str) -> str:
@@ -153,9 +169,10 @@ def mask_on_grid(probability: torch.Tensor, shape: tuple[int, ...], threshold: f
 
 
 def evaluate_method(method: Method, dataset: SegmentationDataset, device: torch.device, dtype: str,
-                    threshold: float, tolerance_mm: float, warmup: int, backbones: dict[str, ClipBackbone],
+                    tolerance_mm: float, warmup: int, backbones: dict[str, ClipBackbone],
                     max_cases: int | None = None, save_masks: Path | None = None) -> None:
-    """Predict every record of ``dataset`` with ``method`` and fill ``method.rows`` and ``method.efficiency``.
+    """Predict every record of ``dataset`` with ``method`` and fill ``method.rows`` and ``method.efficiency``;
+    each image is thresholded at ``method.threshold_for`` its dataset.
 
     ``save_masks``: also write each predicted mask (stored grid, 0/255 PNG) as ``<sample_id>__<structure>.png``.
     """
@@ -167,7 +184,7 @@ def evaluate_method(method: Method, dataset: SegmentationDataset, device: torch.
     peak_reset = reset_peak_memory(device)
     models = load_ensemble(method.checkpoints, backbone=cached, device=device)
     backbones.setdefault(models[0].backbone_sha256, models[0].clip_backbone)
-    predictor = Predictor(models, device=str(device), dtype=dtype, threshold=threshold)
+    predictor = Predictor(models, device=str(device), dtype=dtype, threshold=method.threshold)
 
     n = len(dataset) if max_cases is None else min(max_cases, len(dataset))
     first = dataset[0]
@@ -185,6 +202,7 @@ def evaluate_method(method: Method, dataset: SegmentationDataset, device: torch.
         maps = predictor.predict_tensor(image, [item["prompt"]])                      # each (1, 1, 224, 224)
         synchronize(device)
         times.append((time.perf_counter() - start) * 1000)
+        threshold = method.threshold_for(record.dataset)
         pred = mask_on_grid(maps["probability"], gt.shape, threshold)
         branch_dice = {f"{b}_dice": math.nan if maps[b] is None else
                        metrics.dice(mask_on_grid(maps[b], gt.shape, threshold), gt) for b in BRANCHES}
@@ -207,6 +225,7 @@ def evaluate_method(method: Method, dataset: SegmentationDataset, device: torch.
     for index in images.values():   # untimed: one batched call per image, every held-out phrase at once
         image = dataset[index]["image"][None].to(device)
         probability = predictor.predict_tensor(image, list(HELD_OUT_UNRELATED_PROMPTS))["probability"]
+        threshold = method.threshold_for(dataset.records[index].dataset)
         method.unrelated_areas += (probability >= threshold).float().mean((1, 2, 3)).tolist()
 
     peak_mb, kind = peak_memory_mb(device)
@@ -380,7 +399,7 @@ def build_tables(methods: Sequence[Method], headline: dict[str, str], positive_s
     structures = ", ".join(f"{d}: {s}" for d, s in headline.items())
     threshold = (f"Threshold {args.threshold}" if args.operating_points is None else
                  "Thresholds chosen on validation (`" + str(args.operating_points) + "`): "
-                 + ", ".join(f"{m.name} {m.threshold:g}" for m in methods))
+                 + "; ".join(f"{m.name} {m.threshold_label()}" for m in methods))
     parts = [
         f"# Evaluation on `{args.data}` split `{args.split}`\n",
         (f"{threshold}, dtype {args.dtype}, device {device_name(device)}, code {code_version()}. "
@@ -460,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for method in methods:
         start = time.perf_counter()
         masks = args.out / "masks" / file_stem(method.name) if args.save_masks else None
-        evaluate_method(method, dataset, device, args.dtype, method.threshold, args.tolerance_mm, args.warmup,
+        evaluate_method(method, dataset, device, args.dtype, args.tolerance_mm, args.warmup,
                         backbones, args.max_cases, masks)
         write_cases(args.out / f"cases_{file_stem(method.name)}.csv", method.rows)
         positives = [r["dice"] for r in method.rows if r["positive"]]
@@ -497,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "table_structures": headline, "full_method": full,
         "methods": {m.name: {"checkpoints": [str(c) for c in m.checkpoints], "variants": m.variants,
-                             "threshold": m.threshold,
+                             "threshold": m.threshold, "domain_thresholds": m.domain_thresholds,
                              "efficiency": m.efficiency, "empty_cases": counts[m.name],
                              "negative_prompt_check": checks[m.name],
                              "unrelated_prompt_check": unrelated_check(m)} for m in methods},

@@ -23,6 +23,12 @@ Rule: the threshold with the highest Avg Dice among those leaving at least ``--m
 none does, the one with the largest smaller share (then Dice). Ties go to the threshold nearest 0.5. Each
 checkpoint's maps are computed once, so a seed and the ensemble it belongs to share the work; every image runs
 once per checkpoint with all its prompts in one batch.
+
+``--per-domain`` also chooses one threshold per domain (the dataset of the image: its headline structure's Dice,
+its own absent records and its own images' phrase pairs, the same rule within the domain) and adopts them for a
+method only when every domain meets ``--min-empty`` and their Avg Dice beats the single threshold's on
+validation. One threshold cannot serve over-confident large lesions and faint small nodules at once; a threshold
+per domain can. The single threshold stays in the file: it is what an image of no known domain gets.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import shlex
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +63,9 @@ MIN_EMPTY = 0.95
 RULE = ("highest Avg Dice among the thresholds leaving >= min_empty of the absent records and of the (image, "
         "unrelated phrase) pairs empty (< 1 % of the image); if none does, the largest smaller share, then Dice; "
         "ties to the threshold nearest 0.5")
+DOMAIN_RULE = ("per domain (the image's dataset), the same rule on its headline Dice, its absent records and its "
+               "images' phrase pairs; adopted only when every domain meets min_empty and the domains' Avg Dice "
+               "beats the single threshold's")
 
 
 @dataclass(frozen=True)
@@ -68,10 +77,20 @@ class SweepPoint:
     avg_dice: float
     absent_empty: float         # share of gt-empty records predicted < NEGATIVE_AREA
     phrases_empty: float        # share of (image, validation phrase) pairs predicted < NEGATIVE_AREA
+    # the same two shares per domain (the image's dataset), and how many records / pairs each share counts
+    absent_empty_by: dict[str, float] = field(default_factory=dict)
+    phrases_empty_by: dict[str, float] = field(default_factory=dict)
+    absent_count_by: dict[str, int] = field(default_factory=dict)
+    phrases_count_by: dict[str, int] = field(default_factory=dict)
 
     @property
     def worst_empty(self) -> float:
         return min(self.absent_empty, self.phrases_empty)
+
+    def in_domain(self, domain: str) -> SweepPoint:
+        """This threshold's numbers within one domain (Avg Dice = that domain's Dice)."""
+        return SweepPoint(self.threshold, {domain: self.dice[domain]}, self.dice[domain],
+                          self.absent_empty_by.get(domain, 1.0), self.phrases_empty_by.get(domain, 1.0))
 
 
 @dataclass
@@ -117,7 +136,7 @@ def sweep(maps: Sequence[CheckpointMaps], dataset: SegmentationDataset, headline
     """The validation numbers of the ensemble of ``maps`` (probabilities averaged) at every threshold."""
     thresholds = torch.tensor(list(thresholds))[:, None, None]                        # (T, 1, 1)
     dice: dict[str, list[torch.Tensor]] = {d: [] for d in headline}
-    absent = []
+    absent, absent_domains = [], []
     for index, record in enumerate(dataset.records):
         probability = torch.stack([m.records[index].float() for m in maps]).mean(0)    # (224, 224)
         gt = load_mask(dataset.root, record)                                          # (H, W) bool, stored grid
@@ -126,19 +145,31 @@ def sweep(maps: Sequence[CheckpointMaps], dataset: SegmentationDataset, headline
         masks = probability[None] >= thresholds                                       # (T, H, W)
         if not gt.any():
             absent.append(masks.float().mean((1, 2)) < NEGATIVE_AREA)
+            absent_domains.append(record.dataset)
         elif headline.get(record.dataset) == record.structure:
             target = torch.from_numpy(gt)
             overlap = (masks & target).sum((1, 2)).float()
             dice[record.dataset].append(2 * overlap / (masks.sum((1, 2)) + target.sum()).float())
     phrases = torch.stack([m.phrases.float() for m in maps]).mean(0)                  # (I, P, 224, 224)
-    phrase_areas = torch.stack([(phrases >= t).float().mean((2, 3)).flatten() for t in thresholds[:, 0, 0]])
-    phrases_empty = (phrase_areas < NEGATIVE_AREA).float().mean(1)                     # (T,)
-    absent_empty = torch.stack(absent).float().mean(0) if absent else torch.ones(len(thresholds))
+    phrase_empty = torch.stack([(phrases >= t).float().mean((2, 3)) < NEGATIVE_AREA
+                                for t in thresholds[:, 0, 0]]).float()                # (T, I, P)
+    phrases_empty = phrase_empty.flatten(1).mean(1)                                   # (T,)
+    absent_hits = torch.stack(absent).float() if absent else torch.ones(0, len(thresholds))   # (A, T)
+    absent_empty = absent_hits.mean(0) if absent else torch.ones(len(thresholds))
+    image_domains = [dataset.records[indices[0]].dataset for indices in images_of(dataset).values()]
+    domains = list(dict.fromkeys([*image_domains, *absent_domains]))
+    absent_of = {d: [i for i, a in enumerate(absent_domains) if a == d] for d in domains}
+    phrases_of = {d: [i for i, a in enumerate(image_domains) if a == d] for d in domains}
     points = []
     for t, threshold in enumerate(thresholds[:, 0, 0].tolist()):
         per_dataset = {d: float(torch.stack(v)[:, t].mean()) for d, v in dice.items() if v}
-        points.append(SweepPoint(round(threshold, 4), per_dataset, statistics.fmean(per_dataset.values()),
-                                 float(absent_empty[t]), float(phrases_empty[t])))
+        points.append(SweepPoint(
+            round(threshold, 4), per_dataset, statistics.fmean(per_dataset.values()),
+            float(absent_empty[t]), float(phrases_empty[t]),
+            absent_empty_by={d: float(absent_hits[i, t].mean()) for d, i in absent_of.items() if i},
+            phrases_empty_by={d: float(phrase_empty[t, i].mean()) for d, i in phrases_of.items() if i},
+            absent_count_by={d: len(i) for d, i in absent_of.items() if i},
+            phrases_count_by={d: len(i) * phrase_empty.shape[2] for d, i in phrases_of.items() if i}))
     return points
 
 
@@ -150,12 +181,57 @@ def choose(points: Sequence[SweepPoint], min_empty: float = MIN_EMPTY) -> tuple[
     return max(points, key=lambda p: (p.worst_empty, p.avg_dice, -abs(p.threshold - 0.5))), False
 
 
+def choose_per_domain(points: Sequence[SweepPoint], min_empty: float = MIN_EMPTY) -> dict[str, Any]:
+    """:data:`DOMAIN_RULE`: each domain's operating point, and what they give together on validation.
+
+    Returns {"thresholds": {domain: t}, "domains": {domain: SweepPoint dict + meets_min_empty}, "avg_dice",
+    "absent_empty", "phrases_empty" (pooled over the domains, each at its own threshold), "meets_min_empty"}."""
+    by_threshold = {p.threshold: p for p in points}
+    domains: dict[str, Any] = {}
+    for domain in points[0].dice:
+        chosen, met = choose([p.in_domain(domain) for p in points], min_empty)
+        domains[domain] = {**asdict(chosen), "meets_min_empty": met}
+
+    def pooled(shares: str, counts: str) -> float:
+        total = weight = 0.0
+        for domain, entry in domains.items():
+            at = by_threshold[entry["threshold"]]
+            n = getattr(at, counts).get(domain, 0)
+            total, weight = total + getattr(at, shares).get(domain, 1.0) * n, weight + n
+        return total / weight if weight else 1.0
+
+    return {"thresholds": {d: e["threshold"] for d, e in domains.items()}, "domains": domains,
+            "avg_dice": statistics.fmean(e["avg_dice"] for e in domains.values()),
+            "absent_empty": pooled("absent_empty_by", "absent_count_by"),
+            "phrases_empty": pooled("phrases_empty_by", "phrases_count_by"),
+            "meets_min_empty": all(e["meets_min_empty"] for e in domains.values())}
+
+
+def adopt_per_domain(per_domain: dict[str, Any], single: SweepPoint) -> bool:
+    """The per-domain thresholds replace the single one only if every domain meets the emptiness target and
+    their Avg Dice beats the single threshold's on validation."""
+    return per_domain["meets_min_empty"] and per_domain["avg_dice"] > single.avg_dice
+
+
 def sweep_table(name: str, points: Sequence[SweepPoint], chosen: SweepPoint) -> str:
     datasets = list(points[0].dice)
     header = ["threshold", *(f"{d} Dice" for d in datasets), "Avg Dice", "absent empty", "phrases empty"]
     body = [[f"**{p.threshold:g}**" if p is chosen else f"{p.threshold:g}", *(f"{p.dice[d]:.3f}" for d in datasets),
              f"{p.avg_dice:.3f}", f"{p.absent_empty:.3f}", f"{p.phrases_empty:.3f}"] for p in points]
     return f"### {name}\n\n" + markdown_table(header, body)
+
+
+def domain_table(per_domain: dict[str, Any], single: SweepPoint, adopted: bool) -> str:
+    """Each domain's own choice beside the single threshold, and what each gives pooled over the domains."""
+    header = ["", *per_domain["domains"], "Avg Dice", "absent empty", "phrases empty"]
+    rows = [["single threshold" + (" (kept)" if not adopted else ""),
+             *(f"{single.dice[d]:.3f} @ {single.threshold:g}" for d in per_domain["domains"]),
+             f"{single.avg_dice:.3f}", f"{single.absent_empty:.3f}", f"{single.phrases_empty:.3f}"],
+            ["per domain" + (" (adopted)" if adopted else ""),
+             *(f"{e['avg_dice']:.3f} @ {e['threshold']:g}" for e in per_domain["domains"].values()),
+             f"{per_domain['avg_dice']:.3f}", f"{per_domain['absent_empty']:.3f}",
+             f"{per_domain['phrases_empty']:.3f}"]]
+    return "\nPer domain (Dice @ threshold):\n\n" + markdown_table(header, rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -167,6 +243,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="JSON with every method's sweep and choice")
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
     parser.add_argument("--min-empty", type=float, default=MIN_EMPTY)
+    parser.add_argument("--per-domain", action="store_true",
+                        help="also choose one threshold per domain, adopted where it beats the single one")
     parser.add_argument("--ship", nargs="*", default=[], metavar="NAME=FILE",
                         help=f"also write NAME's operating point to FILE (a model set's {OPERATING_POINT_FILE})")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="fp32")
@@ -198,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "data": str(args.data), "split": args.split, "rule": RULE, "min_empty": args.min_empty,
         "max_area_fraction": NEGATIVE_AREA, "unrelated_prompts": list(VALIDATION_UNRELATED_PROMPTS),
+        "domain_rule": DOMAIN_RULE if args.per_domain else None,
         "table_structures": headline, "code_version": code_version(),
         "command": shlex.join(["python", "-m", "train.operating_point", *(argv if argv is not None else sys.argv[1:])]),
         "methods": {},
@@ -209,13 +288,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cache[checkpoint] = checkpoint_maps(checkpoint, dataset, device, args.dtype, backbones)
         points = sweep([cache[c] for c in method.checkpoints], dataset, headline, args.thresholds)
         chosen, met = choose(points, args.min_empty)
-        result["methods"][method.name] = {"checkpoints": [str(c) for c in method.checkpoints],
-                                          "threshold": chosen.threshold, "meets_min_empty": met,
-                                          "chosen": asdict(chosen), "sweep": [asdict(p) for p in points]}
+        entry = result["methods"][method.name] = {"checkpoints": [str(c) for c in method.checkpoints],
+                                                  "threshold": chosen.threshold, "meets_min_empty": met,
+                                                  "chosen": asdict(chosen), "sweep": [asdict(p) for p in points]}
         tables.append(sweep_table(method.name, points, chosen))
         print(f"{method.name}: threshold {chosen.threshold:g} (Avg Dice {chosen.avg_dice:.3f}, absent empty "
               f"{chosen.absent_empty:.3f}, phrases empty {chosen.phrases_empty:.3f}"
               f"{'' if met else f', below {args.min_empty:g}'})", flush=True)
+        if args.per_domain:
+            per_domain = choose_per_domain(points, args.min_empty)
+            adopted = adopt_per_domain(per_domain, chosen)
+            entry["per_domain"] = {**per_domain, "adopted": adopted}
+            tables.append(domain_table(per_domain, chosen, adopted))
+            print(f"  per domain {per_domain['thresholds']}: Avg Dice {per_domain['avg_dice']:.3f} -> "
+                  f"{'adopted' if adopted else 'not adopted'}", flush=True)
     atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text("\n".join(tables)))
     for name, path in ships.items():
@@ -223,6 +309,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shipped = {"threshold": entry["threshold"], "meets_min_empty": entry["meets_min_empty"],
                    "validation": entry["chosen"], "checkpoints": entry["checkpoints"],
                    **{k: result[k] for k in ("data", "split", "rule", "min_empty", "command", "code_version")}}
+        if entry.get("per_domain", {}).get("adopted"):
+            shipped |= {"domain_thresholds": entry["per_domain"]["thresholds"], "domain_rule": DOMAIN_RULE,
+                        "domain_validation": entry["per_domain"]["domains"]}
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(shipped, indent=2)))
     print("\n".join(tables))
     return result

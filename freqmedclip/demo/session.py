@@ -437,13 +437,43 @@ class DemoSession:
         """The default mask threshold: the operating point's, else the Predictor's (0.5)."""
         return self.predictor.threshold
 
+    @property
+    def domain_thresholds(self) -> dict[str, float]:
+        """Thresholds chosen on validation per training domain (``train.operating_point --per-domain``), if any."""
+        point = self.operating_point or {}
+        return {domain: float(t) for domain, t in point.get("domain_thresholds", {}).items()}
+
+    def threshold_for(self, domain: DomainCheck | None) -> tuple[float, str]:
+        """The default threshold for an image, and a line saying why: the threshold of its nearest training domain
+        when one was chosen for it and the image lies inside the training domains, else the set's single one."""
+        thresholds = self.domain_thresholds
+        if not thresholds:
+            return self.threshold, ""
+        if domain is not None and not domain.outside and domain.nearest in thresholds:
+            chosen = thresholds[domain.nearest]
+            return chosen, (f"Mask threshold {chosen:g}: the one chosen on validation for "
+                            f"{caption_for(domain.nearest)} ({domain.nearest}), the training domain nearest this "
+                            "image.")
+        why = ("no domain reference for these models" if domain is None else
+               "the image is outside every training domain" if domain.outside else
+               f"no threshold was chosen for {domain.nearest}")
+        return self.threshold, f"Mask threshold {self.threshold:g}: this set's single threshold ({why})."
+
+    def default_threshold(self, tensor: Tensor) -> float:
+        """:meth:`threshold_for` the (1, 3, 224, 224) image; the domain check runs only where it matters."""
+        return self.threshold_for(self.check_domain(tensor) if self.domain_thresholds else None)[0]
+
     def header(self) -> str:
         line = training_line(self.trained)
         if self.operating_point is None:
             return line
         point = self.operating_point
-        return (f"{line} Default mask threshold **{self.threshold:g}**, chosen for this ensemble on the "
-                f"`{point.get('split', '?')}` split ({OPERATING_POINT_FILE}).")
+        line = (f"{line} Default mask threshold **{self.threshold:g}**, chosen for this ensemble on the "
+                f"`{point.get('split', '?')}` split ({OPERATING_POINT_FILE})")
+        if not self.domain_thresholds:
+            return line + "."
+        per_domain = ", ".join(f"{caption_for(d)} **{t:g}**" for d, t in self.domain_thresholds.items())
+        return f"{line}; per domain, for an image of that domain: {per_domain}."
 
     def check_domain(self, tensor: Tensor) -> DomainCheck | None:
         """The image's relation to the training domains; None without a domain reference for this backbone."""
@@ -494,9 +524,11 @@ class DemoSession:
             raise InputError("enter at least one prompt for the workbench (one per line)")
         control = _clean(control, "control prompt")
         batch = list(dict.fromkeys([*prompt_list, control]))
-        maps = self._forward(self.prepare(loaded), batch, switches)
-        return self._workbench_from(maps["probability"], batch, prompt_list, control,
-                                    self.threshold if threshold is None else threshold, self.view(loaded))
+        tensor = self.prepare(loaded)
+        if threshold is None:
+            threshold = self.default_threshold(tensor)
+        maps = self._forward(tensor, batch, switches)
+        return self._workbench_from(maps["probability"], batch, prompt_list, control, threshold, self.view(loaded))
 
     def _workbench_from(self, probability: Tensor, batch: list[str], prompts: list[str], control: str,
                         threshold: float, view: np.ndarray) -> Workbench:
@@ -514,8 +546,7 @@ class DemoSession:
                control: str = CONTROL_PROMPT, progress: Progress = _no_progress,
                cam_method: str = FAST_GRADCAM) -> Panels:
         """One full update of every panel for ``loaded`` and ``prompt``; ``cam_method`` one of ``CAM_METHODS``;
-        ``threshold`` None = :attr:`threshold`."""
-        threshold = self.threshold if threshold is None else threshold
+        ``threshold`` None = :meth:`threshold_for` the image (its domain's, where chosen, else :attr:`threshold`)."""
         timings: dict[str, float] = {}
         start = clock = time.perf_counter()
         loaded = _require(loaded)
@@ -529,6 +560,8 @@ class DemoSession:
         tensor = self.prepare(loaded)
         view = self.view(loaded)
         size, view_hw = loaded.size, view.shape[:2]
+        domain = self.check_domain(tensor)
+        threshold, threshold_note = (threshold, "") if threshold is not None else self.threshold_for(domain)
         clock = _timed(timings, "prepare", clock)
 
         progress(0.15, "segmenting (all prompts in one batch) and Grad-CAM of both streams")
@@ -545,6 +578,8 @@ class DemoSession:
         inside = probability[0, 0] >= threshold                                         # the mask at 224
         spread_inside = None if spread is None or not inside.any() else float(spread[0, 0][inside].mean())
         verdict = self._verdict(prompt, full, mask, loaded, threshold, spread_inside)
+        if threshold_note:
+            verdict += "\n\n" + threshold_note
         if switches != ALL_ON:
             reference = self._forward(tensor, [prompt], ALL_ON)["probability"][0, 0].float().cpu().numpy()
             verdict += "\n\n" + _ablation_note(switches, probability[0, 0].cpu().numpy() >= threshold,
@@ -568,7 +603,6 @@ class DemoSession:
         if self.n_members > 1 and members_masks.any():
             iou = pairwise_iou(members_masks)
             members_iou = float(iou[np.triu_indices(len(iou), 1)].mean())
-        domain = self.check_domain(tensor)
         warning = domain_note(domain, self.training_domains, members_iou, self.available)
         bench = None
         if bench_prompts:
@@ -678,11 +712,12 @@ class DemoSession:
     def segment(self, path: str | Path, prompt: str,
                 threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
         """The ``/segment`` API: mask (H, W) uint8 0/255 and overlay (H, W, 3) uint8 at the input's size, at
-        ``threshold`` (None = :attr:`threshold`)."""
-        threshold = self.threshold if threshold is None else threshold
+        ``threshold`` (None = :meth:`threshold_for` the image, as the page)."""
         prompt = _clean(prompt, "prompt")
         loaded = self.load(path)
         tensor = self.prepare(loaded)
+        if threshold is None:
+            threshold = self.default_threshold(tensor)
         maps = self._forward(tensor, [prompt], ALL_ON)
         probability = resize_to(maps["probability"].float(), loaded.size)[0, 0].cpu().numpy()
         mask = probability >= threshold

@@ -37,9 +37,10 @@ OPERATING_POINT_FILE = "operating_point.json"
 
 
 def read_operating_point(folder: str | Path) -> dict[str, Any] | None:
-    """The operating point stored in a model set's folder, or None if it has none.
+    """The operating point stored in a model set's folder, or None if it has none: {"threshold", optionally
+    "domain_thresholds": {domain: threshold}, and how they were chosen}.
 
-    Raises ValueError naming the file when it is not JSON or its threshold is not a number strictly in (0, 1).
+    Raises ValueError naming the file when it is not JSON or a threshold is not a number strictly in (0, 1).
     """
     path = Path(folder) / OPERATING_POINT_FILE
     if not path.is_file():
@@ -49,9 +50,17 @@ def read_operating_point(folder: str | Path) -> dict[str, Any] | None:
         threshold = point["threshold"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: not an operating point (JSON with a 'threshold'): {error}") from None
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+    if not is_threshold(threshold):
         raise ValueError(f"{path}: threshold must be a number strictly between 0 and 1, got {threshold!r}")
+    domains = point.get("domain_thresholds", {})
+    if not isinstance(domains, dict) or not all(isinstance(d, str) and is_threshold(t) for d, t in domains.items()):
+        raise ValueError(f"{path}: domain_thresholds must map domain names to numbers strictly between 0 and 1, "
+                         f"got {domains!r}")
     return point
+
+
+def is_threshold(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < 1
 
 
 class BackboneMismatchError(RuntimeError):
