@@ -4,6 +4,7 @@ the old set), the "Trained on" line for real-data checkpoints, and the real exam
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,9 @@ def test_an_image_gets_the_threshold_chosen_for_its_nearest_training_domain(two_
     inside = DomainCheck("brain", distance=1.0, threshold=2.0, zero_shot={"brain": 1.0})
     outside = DomainCheck("brain", distance=3.0, threshold=2.0, zero_shot={"brain": 1.0})
     elsewhere = DomainCheck("lung", distance=1.0, threshold=2.0, zero_shot={"lung": 1.0})
+    # the domain of its most similar training images, where known, outranks the nearest by feature statistics
+    assert session.threshold_for(replace(elsewhere, most_similar="brain"))[0] == 0.8
+    assert session.threshold_for(replace(inside, most_similar="lung"))[0] == 0.5
     threshold, why = session.threshold_for(inside)
     assert threshold == 0.8 and "chosen on validation for brain MRI (brain), the training domain nearest" in why
     for check, reason in ((outside, "outside every training domain"), (elsewhere, "no threshold was chosen for lung"),

@@ -195,6 +195,7 @@ def test_phantoms_of_every_domain_are_not_flagged(shipped, tmp_path):
     for example in (e for e in load_examples(EXAMPLES) if not e.real):
         check = _check(shipped, np.asarray(Image.open(example.path)))
         assert not check.outside and check.nearest == example.dataset, (example.path, check)
+        assert check.most_similar == check.likeliest == example.dataset, (example.path, check)
     root = tmp_path / "phantoms"
     generate(root, n_subjects=1, seed=7, workers=1)           # subjects the reference never saw
     seen, zero_shot_agrees = set(), []
@@ -238,6 +239,7 @@ def test_with_the_real_set_real_examples_pass(real):
     for example in (e for e in load_examples(EXAMPLES) if e.real):
         check = _check(real, np.asarray(Image.open(example.path)))
         assert not check.outside and check.nearest == example.dataset, (example.path, check)
+        assert check.most_similar == check.likeliest == example.dataset, (example.path, check)
 
 
 def test_with_the_real_set_phantoms_noise_and_colour_textures_are_flagged(real):

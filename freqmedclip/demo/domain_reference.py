@@ -16,7 +16,8 @@ training domains):
 Up to ``--per-domain`` images per dataset from the train split give the feature statistics, the val split the
 thresholds (one image per sample id, as stored: 8-bit, / 255, as the demo sees PNG uploads). ``--check SPLIT``
 loads ``--out`` instead and prints, per dataset, the share of that split's images flagged as outside the training
-data (false alarms: every one of them is an image of a training domain) and which signal flagged them.
+data (false alarms: every one of them is an image of a training domain), which signal flagged them, and how often
+the domain it names is right (``DomainCheck.nearest``, and ``likeliest``, whose threshold the demo uses).
 """
 
 from __future__ import annotations
@@ -77,11 +78,14 @@ def check(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             counts["images"] += 1
             counts["flagged"] += result.outside
             counts.update(result.reasons)
+            counts["nearest_right"] += result.nearest == dataset          # the domain the demo names
+            counts["likeliest_right"] += result.likeliest == dataset      # the domain whose threshold it uses
     summary = {d: {**c, "rate": c["flagged"] / c["images"]} for d, c in sorted(report.items())}
     for dataset, row in summary.items():
         signals = ", ".join(f"{k} {row[k]}" for k in ("distance", "similarity", "pixels") if row.get(k))
         print(f"{dataset}: {row['flagged']} of {row['images']} {args.check} images flagged ({100 * row['rate']:.1f} %)"
-              f"{': ' + signals if signals else ''}")
+              f"{': ' + signals if signals else ''}; domain right: nearest by statistics {row['nearest_right']}, "
+              f"likeliest {row['likeliest_right']}")
     return summary
 
 

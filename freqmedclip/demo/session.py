@@ -444,19 +444,20 @@ class DemoSession:
         return {domain: float(t) for domain, t in point.get("domain_thresholds", {}).items()}
 
     def threshold_for(self, domain: DomainCheck | None) -> tuple[float, str]:
-        """The default threshold for an image, and a line saying why: the threshold of its nearest training domain
-        when one was chosen for it and the image lies inside the training domains, else the set's single one."""
+        """The default threshold for an image, and a line saying why: the threshold of its likeliest training domain
+        (:attr:`DomainCheck.likeliest`) when one was chosen for it and the image lies inside the training domains,
+        else the set's single one."""
         thresholds = self.domain_thresholds
         if not thresholds:
             return self.threshold, ""
-        if domain is not None and not domain.outside and domain.nearest in thresholds:
-            chosen = thresholds[domain.nearest]
+        if domain is not None and not domain.outside and domain.likeliest in thresholds:
+            chosen = thresholds[domain.likeliest]
             return chosen, (f"Mask threshold {chosen:g}: the one chosen on validation for "
-                            f"{caption_for(domain.nearest)} ({domain.nearest}), the training domain nearest this "
-                            "image.")
+                            f"{caption_for(domain.likeliest)} ({domain.likeliest}), the training domain nearest "
+                            "this image.")
         why = ("no domain reference for these models" if domain is None else
                "the image is outside every training domain" if domain.outside else
-               f"no threshold was chosen for {domain.nearest}")
+               f"no threshold was chosen for {domain.likeliest}")
         return self.threshold, f"Mask threshold {self.threshold:g}: this set's single threshold ({why})."
 
     def default_threshold(self, tensor: Tensor) -> float:
