@@ -158,7 +158,7 @@ def test_public_recipe_runs_data_backbone_trainings_publishing_and_evaluation_in
     members = ",".join(f"assets/public/checkpoints/mini-seed{s}" for s in (0, 1, 2))
     assert calls[13].startswith("-m train.operating_point --data data/public --split val "
                                 "--out results/public/operating_points.json ")
-    assert "assets/public/checkpoints/operating_point.json" in calls[13]
+    assert "assets/public/checkpoints/operating_point.json --per-domain" in calls[13]   # per domain: real data only
     assert calls[14].startswith("-m train.evaluate --data data/public --split test --out results/public ")
     assert f"FreqMedCLIP-mini (3-seed ensemble)={members}" in calls[14] and len(calls) == 15
 

@@ -89,7 +89,9 @@ make_phantom_data() {
 # The recipe both scripts run, on the settings each one sets before calling run_recipe:
 #   DATA, CONFIG (train/configs/*.yaml), PREFIX (runs/<PREFIX>_<variant>-seed<seed>), ENSEMBLE and BASELINES (where
 #   the seeds and the two single-stream baselines are published), RESULTS, SEEDS, BASELINE_VARIANTS (training order),
-#   EVALUATED_SEEDS (single seeds evaluated beside the ensemble), ABLATIONS, PUBLISH_DTYPE (the shipped weights).
+#   EVALUATED_SEEDS (single seeds evaluated beside the ensemble), ABLATIONS, PUBLISH_DTYPE (the shipped weights),
+#   OPERATING_POINT_FLAGS (extra flags of train.operating_point; default none).
+OPERATING_POINT_FLAGS=()
 
 # runs VARIANT:SEED ...: the trainer's flags for $CONFIG into runs/<PREFIX>_VARIANT-seedSEED, then $TRAIN_FLAGS.
 # TRAIN_FLAGS='--amp none' keeps a run in fp32 where the config's `amp: auto` would pick bf16 (a CPU with native
@@ -123,7 +125,7 @@ main_part() {
     # each method's mask threshold is chosen on validation; the ensemble's also ships with it, for the demo
     step "operating points on the validation split -> $RESULTS/operating_points.json, $ENSEMBLE/operating_point.json"
     python -m train.operating_point --data "$DATA" --split val --out "$RESULTS/operating_points.json" \
-        --runs "${methods[@]}" --ship "$ensemble=$ENSEMBLE/operating_point.json"
+        --runs "${methods[@]}" --ship "$ensemble=$ENSEMBLE/operating_point.json" "${OPERATING_POINT_FLAGS[@]}"
     step "evaluate the ensemble and the baselines on the test split -> $RESULTS"
     python -m train.evaluate --data "$DATA" --split test --out "$RESULTS" --runs "${methods[@]}" \
         --operating-points "$RESULTS/operating_points.json" --full-method "FreqMedCLIP-mini (seed 0)"
