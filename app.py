@@ -193,7 +193,7 @@ def build_demo(models: ModelSets | DemoSession | Predictor) -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt", value=first_prompt, elem_id="prompt")
                 threshold = gr.Slider(0.05, 0.95, value=default.threshold, step=0.05, label="Mask threshold",
                                       elem_id="threshold")
-                # ticked: each image gets the threshold chosen on validation for its nearest training domain (the
+                # ticked: each image gets the threshold chosen on validation for its likeliest training domain (the
                 # verdict names it); moving the slider unticks it
                 per_domain = gr.Checkbox(bool(default.domain_thresholds), visible=bool(default.domain_thresholds),
                                          label="Threshold per domain (chosen on validation)",

@@ -92,7 +92,6 @@ class Method:
     unrelated_areas: list[float] = field(default_factory=list)    # predicted area per (image, held-out phrase)
     efficiency: dict[str, Any] = field(default_factory=dict)
 
-
     def threshold_for(self, dataset: str) -> float:
         """The threshold of an image of ``dataset``: its domain's where one was chosen, else the method's."""
         return self.domain_thresholds.get(dataset, self.threshold)

@@ -349,6 +349,11 @@ def train(args: argparse.Namespace, command: list[str], rank: int, world: int, d
             break
     run.log.info("done: best val Dice %.4f at epoch %d; checkpoints in %s", progress["best_dice"],
                  progress["best_epoch"], run.run_dir)
+    return run_result(progress)
+
+
+def run_result(progress: dict[str, Any]) -> dict[str, Any]:
+    """What ``main`` returns, from a run's progress (live, or as saved in ``latest/train_state.json``)."""
     return {"best_dice": progress["best_dice"], "best_epoch": progress["best_epoch"],
             "epochs_done": progress["epoch"], "stopped": progress["stopped"]}
 
@@ -475,8 +480,7 @@ def finished_run(args: argparse.Namespace) -> dict[str, Any] | None:
     why = progress["stopped"] or f"epoch {progress['epoch']} of {args.epochs}"
     print(f"{args.run_dir}: finished ({why}), best val Dice {progress['best_dice']:.4f} at epoch "
           f"{progress['best_epoch']}: nothing to do", flush=True)
-    return {"best_dice": progress["best_dice"], "best_epoch": progress["best_epoch"],
-            "epochs_done": progress["epoch"], "stopped": progress["stopped"]}
+    return run_result(progress)
 
 
 def resume_or_seed(run: Run) -> None:
