@@ -161,14 +161,22 @@ def test_held_out_unrelated_phrases_are_asked_of_every_image(evaluated, tiny_dat
     assert check["n_pairs"] == len(images) * len(evaluate.HELD_OUT_UNRELATED_PROMPTS)
     # independent of the batched call: one prompt at a time through a fresh Predictor
     predictor = Predictor(load_ensemble([untrained_checkpoints[0]], backbone=mini_backbone), threshold=0.5)
-    areas = []
+    areas, by_dataset = [], {}
     for image in images:
         index = next(i for i, r in enumerate(dataset.records) if r.image == image)
         for prompt in evaluate.HELD_OUT_UNRELATED_PROMPTS:
             probability = predictor.predict_tensor(dataset[index]["image"][None], [prompt])["probability"]
             areas.append((probability >= 0.5).float().mean().item())
+            by_dataset.setdefault(dataset.records[index].dataset, []).append(areas[-1])
     assert check["n_below_area"] == sum(a < evaluate.NEGATIVE_AREA for a in areas)
     assert check["mean_pred_area"] == pytest.approx(sum(areas) / len(areas), abs=1e-3)
+    # the same pairs, split by the image's dataset: they add up to the pooled count
+    assert set(check["per_dataset"]) == set(by_dataset) and len(by_dataset) > 1
+    for name, expected in by_dataset.items():
+        entry = check["per_dataset"][name]
+        assert entry["n_pairs"] == len(expected)
+        assert entry["n_below_area"] == sum(a < evaluate.NEGATIVE_AREA for a in expected)
+    assert sum(e["n_below_area"] for e in check["per_dataset"].values()) == check["n_below_area"]
     assert "Unrelated phrases (held out)" in (out / "tables.md").read_text()
 
 

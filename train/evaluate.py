@@ -90,6 +90,7 @@ class Method:
     domain_thresholds: dict[str, float] = field(default_factory=dict)   # dataset -> its own, where chosen so
     rows: list[dict[str, Any]] = field(default_factory=list)
     unrelated_areas: list[float] = field(default_factory=list)    # predicted area per (image, held-out phrase)
+    unrelated_datasets: list[str] = field(default_factory=list)   # the image's dataset, per entry of unrelated_areas
     efficiency: dict[str, Any] = field(default_factory=dict)
 
     def threshold_for(self, dataset: str) -> float:
@@ -226,6 +227,7 @@ def evaluate_method(method: Method, dataset: SegmentationDataset, device: torch.
         probability = predictor.predict_tensor(image, list(HELD_OUT_UNRELATED_PROMPTS))["probability"]
         threshold = method.threshold_for(dataset.records[index].dataset)
         method.unrelated_areas += (probability >= threshold).float().mean((1, 2, 3)).tolist()
+        method.unrelated_datasets += [dataset.records[index].dataset] * len(HELD_OUT_UNRELATED_PROMPTS)
 
     peak_mb, kind = peak_memory_mb(device)
     if not peak_reset:
@@ -265,12 +267,18 @@ def negative_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def unrelated_check(method: Method) -> dict[str, Any]:
-    """Share of (image, held-out unrelated phrase) pairs predicted (almost) empty."""
-    areas = method.unrelated_areas
-    ok = sum(a < NEGATIVE_AREA for a in areas)
-    return {"prompts": list(HELD_OUT_UNRELATED_PROMPTS), "n_pairs": len(areas), "n_below_area": ok,
-            "fraction": ok / len(areas) if areas else None,
-            "mean_pred_area": statistics.fmean(areas) if areas else None}
+    """Share of (image, held-out unrelated phrase) pairs predicted (almost) empty, pooled and per dataset (a pooled
+    share can hide one domain that answers unrelated phrases)."""
+    def share(areas: Sequence[float]) -> dict[str, Any]:
+        ok = sum(a < NEGATIVE_AREA for a in areas)
+        return {"n_pairs": len(areas), "n_below_area": ok, "fraction": ok / len(areas) if areas else None,
+                "mean_pred_area": statistics.fmean(areas) if areas else None}
+
+    by_dataset: dict[str, list[float]] = {}
+    for name, area in zip(method.unrelated_datasets, method.unrelated_areas, strict=True):
+        by_dataset.setdefault(name, []).append(area)
+    return {"prompts": list(HELD_OUT_UNRELATED_PROMPTS), **share(method.unrelated_areas),
+            "per_dataset": {name: share(areas) for name, areas in by_dataset.items()}}
 
 
 def empty_counts(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
@@ -352,10 +360,12 @@ def negative_table(methods: Sequence[Method], checks: dict[str, dict[str, Any]])
             cells.append("n/a" if entry["fraction"] is None else
                          f"{entry['fraction']:.3f} ({entry['n_below_area']}/{entry['n_gt_empty']})")
         unrelated = unrelated_check(m)
-        cells.append("n/a" if unrelated["fraction"] is None else
-                     f"{unrelated['fraction']:.3f} ({unrelated['n_below_area']}/{unrelated['n_pairs']})")
+        for entry in [*(unrelated["per_dataset"].get(d, {"fraction": None}) for d in datasets), unrelated]:
+            cells.append("n/a" if entry["fraction"] is None else
+                         f"{entry['fraction']:.3f} ({entry['n_below_area']}/{entry['n_pairs']})")
         body.append([m.name, *cells])
-    return markdown_table([*header, "Unrelated phrases (held out)"], body)
+    held_out = [f"held-out phrases, {d}" for d in datasets]
+    return markdown_table([*header, *held_out, "Unrelated phrases (held out)"], body)
 
 
 def branch_rows(methods: Sequence[Method], headline: dict[str, str]) -> dict[str, dict[str, dict[str, float]]]:

@@ -15,9 +15,13 @@
 # (train/recipes/common.sh, backbone).
 #
 # Every step skips what is finished and resumes what was interrupted (train/recipes/common.sh); run it again after
-# an interruption. Budget on this project's 2-core AMD EPYC (fp32): data 1 min, the backbone check seconds
-# (pretraining with REBUILD_BACKBONE=1: 26 min), each segmentation run ~25 min alone (JOBS=2: two at a time, ~30 min per pair), publishing ~1 min per checkpoint,
-# the evaluation ~10 min. A finished run is skipped in seconds.
+# an interruption. Budget (fp32, 2 cores; step costs from `python -m train.benchmark_train --batch-size 8`, two
+# threads): data 1 min, the backbone check seconds (pretraining with REBUILD_BACKBONE=1: 26 min), each
+# FreqMedCLIP-mini run 1,280 steps of 1.4 s (Intel Xeon with AMX), 1.9 s (AMD EPYC Zen 3) or 3.2 s (AMD EPYC Zen 1;
+# there 2.1 s frequency only, 1.2 s semantic only) plus 8 validations. On the Intel, one thread each and two to four
+# at a time, a fused run took 59-80 min and a baseline 34-37 min (the five: about 2.5 hours with JOBS=2); on the Zen 1
+# the five need about 4.5 hours (estimated from its step costs). Publishing ~1 min per checkpoint, the operating points and the evaluation ~45 min on the
+# Intel. A finished run is skipped in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source train/recipes/common.sh
