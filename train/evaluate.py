@@ -253,13 +253,19 @@ def write_cases(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     atomic_write(path, write)
 
 
+def empty_share(areas: Sequence[float], count_key: str) -> dict[str, Any]:
+    """How many of ``areas`` (predicted area fractions) are (almost) empty, below ``NEGATIVE_AREA`` of the image;
+    ``count_key`` names the count of what was asked (GT-empty cases, or image-phrase pairs)."""
+    ok = sum(a < NEGATIVE_AREA for a in areas)
+    return {count_key: len(areas), "n_below_area": ok, "fraction": ok / len(areas) if areas else None,
+            "mean_pred_area": statistics.fmean(areas) if areas else None}
+
+
 def negative_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Share of GT-empty cases predicted (almost) empty (area < ``NEGATIVE_AREA`` of the image), overall and per
     dataset."""
     def share(subset: list[dict[str, Any]]) -> dict[str, Any]:
-        ok = sum(r["pred_area"] < NEGATIVE_AREA for r in subset)
-        return {"n_gt_empty": len(subset), "n_below_area": ok, "fraction": ok / len(subset) if subset else None,
-                "mean_pred_area": statistics.fmean(r["pred_area"] for r in subset) if subset else None}
+        return empty_share([r["pred_area"] for r in subset], "n_gt_empty")
 
     empty = [r for r in rows if r["gt_empty"]]
     per_dataset = {d: share([r for r in empty if r["dataset"] == d]) for d in dict.fromkeys(r["dataset"] for r in rows)}
@@ -269,16 +275,11 @@ def negative_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def unrelated_check(method: Method) -> dict[str, Any]:
     """Share of (image, held-out unrelated phrase) pairs predicted (almost) empty, pooled and per dataset (a pooled
     share can hide one domain that answers unrelated phrases)."""
-    def share(areas: Sequence[float]) -> dict[str, Any]:
-        ok = sum(a < NEGATIVE_AREA for a in areas)
-        return {"n_pairs": len(areas), "n_below_area": ok, "fraction": ok / len(areas) if areas else None,
-                "mean_pred_area": statistics.fmean(areas) if areas else None}
-
     by_dataset: dict[str, list[float]] = {}
     for name, area in zip(method.unrelated_datasets, method.unrelated_areas, strict=True):
         by_dataset.setdefault(name, []).append(area)
-    return {"prompts": list(HELD_OUT_UNRELATED_PROMPTS), **share(method.unrelated_areas),
-            "per_dataset": {name: share(areas) for name, areas in by_dataset.items()}}
+    return {"prompts": list(HELD_OUT_UNRELATED_PROMPTS), **empty_share(method.unrelated_areas, "n_pairs"),
+            "per_dataset": {name: empty_share(areas, "n_pairs") for name, areas in by_dataset.items()}}
 
 
 def empty_counts(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
@@ -356,13 +357,11 @@ def negative_table(methods: Sequence[Method], checks: dict[str, dict[str, Any]])
     for m in methods:
         check = checks[m.name]
         cells = []
-        for entry in [*(check["per_dataset"][d] for d in datasets), check]:
-            cells.append("n/a" if entry["fraction"] is None else
-                         f"{entry['fraction']:.3f} ({entry['n_below_area']}/{entry['n_gt_empty']})")
         unrelated = unrelated_check(m)
-        for entry in [*(unrelated["per_dataset"].get(d, {"fraction": None}) for d in datasets), unrelated]:
-            cells.append("n/a" if entry["fraction"] is None else
-                         f"{entry['fraction']:.3f} ({entry['n_below_area']}/{entry['n_pairs']})")
+        for share, count_key in ((check, "n_gt_empty"), (unrelated, "n_pairs")):
+            for entry in [*(share["per_dataset"].get(d, {"fraction": None}) for d in datasets), share]:
+                cells.append("n/a" if entry["fraction"] is None else
+                             f"{entry['fraction']:.3f} ({entry['n_below_area']}/{entry[count_key]})")
         body.append([m.name, *cells])
     held_out = [f"held-out phrases, {d}" for d in datasets]
     return markdown_table([*header, *held_out, "Unrelated phrases (held out)"], body)

@@ -20,8 +20,8 @@
 # FreqMedCLIP-mini run 1,280 steps of 1.4 s (Intel Xeon with AMX), 1.9 s (AMD EPYC Zen 3) or 3.2 s (AMD EPYC Zen 1;
 # there 2.1 s frequency only, 1.2 s semantic only) plus 8 validations. On the Intel, one thread each and two to four
 # at a time, a fused run took 59-80 min and a baseline 34-37 min (the five: about 2.5 hours with JOBS=2); on the Zen 1
-# the five need about 4.5 hours (estimated from its step costs). Publishing ~1 min per checkpoint, the operating points and the evaluation ~45 min on the
-# Intel. A finished run is skipped in seconds.
+# the five need about 4.5 hours (estimated from its step costs). Publishing ~1 min per checkpoint, the operating
+# points and the evaluation ~45 min on the Intel. A finished run is skipped in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source train/recipes/common.sh
