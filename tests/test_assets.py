@@ -70,6 +70,7 @@ def test_real_checkpoint_is_tied_to_the_real_backbone_and_names_its_data_and_lic
     assert metadata["args"]["config"] == "train/configs/public.yaml" and metadata["args"]["data"] == "data/public"
     recipe = yaml.safe_load((ASSETS.parent / "train" / "configs" / "public.yaml").read_text())
     assert header["config"]["bce_pos_weight"] == recipe["bce_pos_weight"]   # trained with today's recipe
+    assert (metadata["args"]["epochs"], metadata["args"]["t_max"]) == (recipe["epochs"], recipe["t_max"])
     assert metadata["metrics"]["val"]["dice"] == metadata["metrics"]["best_dice"]
     assert metadata["export"]["dtype"] == "fp32"      # train/recipes/public.sh: fp16 flips pixels of tiny nodules
     assert metadata["export"]["check"]["max_abs_dice_change"] <= 0.005
