@@ -20,10 +20,10 @@
 # FreqMedCLIP-mini run 1,280 steps of 1.4 s (Intel Xeon with AMX), 1.9 s (AMD EPYC Zen 3) or 3.2 s (AMD EPYC Zen 1;
 # there 2.1 s frequency only, 1.2 s semantic only) plus 8 validations. On the Intel, one thread each and two to four
 # at a time, a fused run took 59-80 min and a baseline 34-37 min (the five: about 2.5 hours with JOBS=2); on the Zen 1
-# the five need about 4.5 hours (estimated from its step costs). On an AMD EPYC Zen 5 (native bf16, `amp: auto` picks
-# it; the shipped models) the five took 1 h 25 min with JOBS=2, publishing 7 min, the operating points 15 min and the
-# evaluation 12 min. Publishing ~1 min per checkpoint, the operating points and the evaluation ~45 min on the Intel.
-# A finished run is skipped in seconds.
+# the five need about 4.5 hours (estimated from its step costs). Publishing ~1 min per checkpoint, the operating
+# points and the evaluation ~45 min on the Intel. On an AMD EPYC Zen 5 (native bf16, which `amp: auto` picks; the
+# shipped models) the five took 1 h 25 min with JOBS=2, publishing 7 min, the operating points 15 min and the
+# evaluation 12 min. A finished run is skipped in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source train/recipes/common.sh
