@@ -23,7 +23,8 @@
 # the five need about 4.5 hours (estimated from its step costs). Publishing ~1 min per checkpoint, the operating
 # points and the evaluation ~45 min on the Intel. On an AMD EPYC Zen 5 (native bf16, which `amp: auto` picks; the
 # shipped models) the five took 1 h 25 min with JOBS=2, publishing 7 min, the operating points 15 min and the
-# evaluation 12 min. A finished run is skipped in seconds.
+# evaluation 12 min. The ablations (JOBS=2, bf16) took 1 h 23 min on an Intel Xeon with AMX (family 6 model 167),
+# their evaluation 13 min. A finished run is skipped in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source train/recipes/common.sh
